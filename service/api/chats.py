@@ -1,0 +1,185 @@
+"""``/v1/chats``: conversations, their messages, and starting a run on one."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Generator
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.types import ASGIApp
+
+from service import errors
+from service.api.schemas import (
+    ChatCreate,
+    ChatList,
+    ChatOut,
+    InvalidBodyError,
+    RunCreate,
+    RunOut,
+    chat_out,
+    response_format_dict,
+    run_options,
+    run_out,
+)
+from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
+from service.engine.providers import ProviderRegistry, UnknownModelError
+from service.engine.tools import ToolCatalog, ToolError
+from service.errors import ErrorEnvelope
+from service.events import AnyEvent
+from service.runs.manager import RunManager, tool_selection_error
+from service.settings import Settings
+from service.store.base import Chat, ChatStore, StoreUnavailableError
+
+ERRORS = {
+    400: ResponseSpec(ErrorEnvelope, description="Invalid request: `error.detail.field` names the field"),
+    404: ResponseSpec(ErrorEnvelope, description="No such chat"),
+    503: ResponseSpec(ErrorEnvelope, description="The chat store is unavailable"),
+}
+
+
+class ChatController(Controller):
+    """Chats and their messages."""
+
+    path = "/v1/chats"
+    tags = ["chats"]
+
+    @post("/", operation_id="CreateChat", status_code=201, responses={400: ERRORS[400], 503: ERRORS[503]})
+    async def create_chat(
+        self,
+        data: JSONBody[ChatCreate],
+        store: NamedDependency[ChatStore],
+        providers: NamedDependency[ProviderRegistry],
+        tool_catalog: NamedDependency[ToolCatalog],
+    ) -> ChatOut:
+        """Create a chat. Its fields become the defaults of its runs."""
+        try:
+            model, _, _ = providers.resolve(data.model)
+            response_format = response_format_dict(data.response_format)
+            tool_catalog.check(data.tools, data.mcp_servers)
+        except UnknownModelError as exc:
+            raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc
+        except InvalidBodyError as exc:
+            raise errors.InvalidRequestError(str(exc), detail={"field": exc.field}) from exc
+        except ToolError as exc:
+            raise tool_selection_error(exc) from exc
+        now = time.time()
+        chat = Chat(
+            id=uuid.uuid4().hex,
+            model=model,
+            system=data.system,
+            tools=data.tools,
+            mcp_servers=data.mcp_servers,
+            response_format=response_format,
+            created_at=now,
+            updated_at=now,
+        )
+        with _store_errors():
+            return chat_out(await store.create_chat(chat))
+
+    @get("/", operation_id="ListChats", responses={400: ERRORS[400], 503: ERRORS[503]})
+    async def list_chats(
+        self,
+        store: NamedDependency[ChatStore],
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
+    ) -> ChatList:
+        """List chats, newest first. Pass `next_cursor` back as `cursor` for the next page."""
+        with _store_errors():
+            try:
+                page = await store.list_chats(limit=limit, cursor=cursor)
+            except ValueError as exc:
+                raise errors.InvalidCursorError("invalid cursor", detail={"field": "cursor"}) from exc
+        return ChatList(items=[chat_out(c) for c in page.items], next_cursor=page.next_cursor)
+
+    @get("/{chat_id:str}", operation_id="GetChat", responses={404: ERRORS[404], 503: ERRORS[503]})
+    async def get_chat(self, chat_id: FromPath[str], store: NamedDependency[ChatStore]) -> ChatOut:
+        """A chat with all its messages, oldest first (interrupted answers carry `status`)."""
+        with _store_errors():
+            chat = await store.get_chat(chat_id)
+            if chat is None:
+                raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
+            return chat_out(chat, await store.list_messages(chat_id))
+
+    @delete(
+        "/{chat_id:str}",
+        operation_id="DeleteChat",
+        responses={404: ERRORS[404], 409: ResponseSpec(ErrorEnvelope, description="A run is active"), 503: ERRORS[503]},
+    )
+    async def delete_chat(
+        self, chat_id: FromPath[str], store: NamedDependency[ChatStore], runs: NamedDependency[RunManager]
+    ) -> None:
+        """Delete a chat and its messages. A chat with an active run answers 409 `chat_busy`."""
+        active = await runs.active_run(chat_id)
+        if active is not None:
+            raise errors.ChatBusyError("the chat has an active run", detail={"active_run_id": active.id})
+        with _store_errors():
+            if not await store.delete_chat(chat_id):
+                raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
+
+    @post(
+        "/{chat_id:str}/runs",
+        operation_id="CreateRun",
+        status_code=202,
+        responses={
+            200: ResponseSpec(
+                AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False
+            ),
+            202: ResponseSpec(
+                RunOut, description="The run started; follow it at `events_url`", generate_examples=False
+            ),
+            409: ResponseSpec(ErrorEnvelope, description="The chat already has an active run (`detail.active_run_id`)"),
+            **ERRORS,
+        },
+    )
+    async def create_run(
+        self,
+        request: Request[Any, Any, Any],
+        chat_id: FromPath[str],
+        data: JSONBody[RunCreate],
+        runs: NamedDependency[RunManager],
+        settings: NamedDependency[Settings],
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200)
+        ] = None,
+    ) -> ASGIApp:
+        """Start a run that answers `message`.
+
+        With `Accept: text/event-stream` the response is the run's event stream. Otherwise it is `202`
+        with the run; follow it at `events_url`. A retried POST with the same `Idempotency-Key` returns
+        the same run. A chat has at most one active run: a second one gets `409 chat_busy`.
+        """
+        try:
+            options = run_options(data, settings.max_message_chars)
+        except InvalidBodyError as exc:
+            raise errors.InvalidRequestError(str(exc), detail={"field": exc.field}) from exc
+        record, _ = await runs.start_run(chat_id, options, idempotency_key)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            events = await runs.open_events(record.id, 0)
+            if events is not None:
+                return sse_response(events, settings)
+        return as_asgi(Response(run_out(record), status_code=202))
+
+    @get(
+        "/{chat_id:str}/active-run",
+        operation_id="GetActiveRun",
+        responses={404: ERRORS[404], 503: ERRORS[503]},
+    )
+    async def active_run(self, chat_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut | None:
+        """The chat's running run, or `null` when none is running."""
+        record = await runs.active_run(chat_id)
+        return None if record is None else run_out(record)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Generator[None]:
+    """Turn a store outage into 503 ``store_unavailable``."""
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc

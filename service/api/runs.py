@@ -1,0 +1,88 @@
+"""``/v1/runs``: a run's status, its resumable event stream, and cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, QueryParameter
+from litestar.types import ASGIApp
+
+from service import errors
+from service.api.schemas import RunOut, run_out
+from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
+from service.errors import ErrorEnvelope
+from service.events import AnyEvent
+from service.runs.manager import RunManager
+from service.settings import Settings
+
+NOT_FOUND = ResponseSpec(ErrorEnvelope, description="No such run")
+EXPIRED = ResponseSpec(ErrorEnvelope, description="The run's events are past retention (`run_expired`)")
+
+
+class RunController(Controller):
+    """Runs: status, events, cancel."""
+
+    path = "/v1/runs"
+    tags = ["runs"]
+
+    @get("/{run_id:str}", operation_id="GetRun", responses={404: NOT_FOUND, 410: EXPIRED})
+    async def get_run(self, run_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut:
+        """The run's status and the seq of its last event."""
+        return run_out(await runs.get_run(run_id))
+
+    @get(
+        "/{run_id:str}/events",
+        operation_id="StreamRunEvents",
+        responses={
+            200: ResponseSpec(
+                AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False
+            ),
+            204: ResponseSpec(None, description="The run has finished and every event was delivered"),
+            400: ResponseSpec(
+                ErrorEnvelope, description="A cursor that names no position of the run (`invalid_cursor`)"
+            ),
+            404: NOT_FOUND,
+            410: EXPIRED,
+        },
+    )
+    async def stream_events(
+        self,
+        run_id: FromPath[str],
+        runs: NamedDependency[RunManager],
+        settings: NamedDependency[Settings],
+        after: Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")] = 0,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(name="Last-Event-ID", description="Set by EventSource on reconnect; wins over `after`"),
+        ] = None,
+    ) -> ASGIApp:
+        """Replay the run's events after `Last-Event-ID` (or `?after=`), then follow it live.
+
+        A browser `EventSource` can open it with no custom header and resumes by itself. A finished run
+        with nothing left to send answers `204`, which stops EventSource from reconnecting.
+        """
+        start = after if last_event_id is None else _cursor(last_event_id)
+        events = await runs.open_events(run_id, start)
+        if events is None:
+            return as_asgi(Response(None, status_code=204))
+        return sse_response(events, settings)
+
+    @post("/{run_id:str}/cancel", operation_id="CancelRun", status_code=200, responses={404: NOT_FOUND, 410: EXPIRED})
+    async def cancel_run(self, run_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut:
+        """Stop the run.
+
+        The upstream request is closed, the partial answer stored, and the stream ends with
+        `run.cancelled`. Idempotent: cancelling a finished run returns it unchanged.
+        """
+        return run_out(await runs.cancel(run_id))
+
+
+def _cursor(value: str) -> int:
+    if not value.isdigit() or len(value) > 18:
+        raise errors.InvalidCursorError(
+            f"Last-Event-ID {value[:40]!r} is not an event seq", detail={"field": "Last-Event-ID"}
+        )
+    return int(value)

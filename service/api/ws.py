@@ -1,0 +1,261 @@
+"""``/v1/ws``: one socket, many runs (multiplexed by ``run_id``), resumable after a reconnect.
+
+Client frames (JSON text): ``run.create``, ``run.resume``, ``run.cancel``, ``ping``.
+Server frames: the run events (the same JSON as SSE ``data``), ``run.accepted``,
+``run.resumed``, ``pong`` and ``error``. A bad frame gets an ``error`` frame and
+the socket stays open. Closing codes: 1008 when a client sends frames faster
+than the rate limit allows (or a disallowed ``Origin``), 1009 (by the server)
+for a frame over the transport's maximum size.
+
+Each followed run has a task of its own that reads the run's log and sends;
+a dropped socket cancels those tasks (the runs go on, unless created with
+``on_disconnect: "cancel"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, assert_never
+from urllib.parse import urlsplit
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
+from litestar.handlers import BaseRouteHandler
+
+from service import errors, metrics
+from service.api.schemas import InvalidBodyError, RunCreate, run_options
+from service.events import AnyEvent, ws_frame
+from service.runs.manager import RunManager
+from service.settings import Settings
+
+
+class CreateFrame(RunCreate, frozen=True, kw_only=True, tag_field="type", tag="run.create", forbid_unknown_fields=True):
+    """Start a run on ``chat_id`` (the same options as ``POST /v1/chats/{id}/runs``)."""
+
+    chat_id: str
+    client_ref: str | None = None
+    """Echoed in ``run.accepted`` and in ``error`` frames, to match answers to requests."""
+    idempotency_key: str | None = None
+
+
+class ResumeFrame(msgspec.Struct, frozen=True, tag_field="type", tag="run.resume", forbid_unknown_fields=True):
+    """Follow a run again from after ``after`` (the last seq received)."""
+
+    run_id: str
+    after: int = 0
+
+
+class CancelFrame(msgspec.Struct, frozen=True, tag_field="type", tag="run.cancel", forbid_unknown_fields=True):
+    """Stop a run."""
+
+    run_id: str
+
+
+class PingFrame(msgspec.Struct, frozen=True, tag_field="type", tag="ping", forbid_unknown_fields=True):
+    """Ask for a ``pong``."""
+
+    nonce: str | int | None = None
+
+
+ClientFrame = CreateFrame | ResumeFrame | CancelFrame | PingFrame
+
+
+class RunAccepted(msgspec.Struct, frozen=True, tag_field="type", tag="run.accepted"):
+    """A ``run.create`` started (or, for a repeated idempotency key, found) a run; its events follow."""
+
+    client_ref: str | None
+    run_id: str
+    created: bool
+
+
+class RunResumed(msgspec.Struct, frozen=True, tag_field="type", tag="run.resumed"):
+    """A ``run.resume`` was accepted; events after ``after`` follow unless the run has none left."""
+
+    run_id: str
+    after: int
+    last_seq: int
+    status: str
+
+
+class Pong(msgspec.Struct, frozen=True, tag_field="type", tag="pong"):
+    """The answer to ``ping``."""
+
+    nonce: str | int | None = None
+
+
+class ErrorFrame(msgspec.Struct, frozen=True, tag_field="type", tag="error"):
+    """A frame could not be acted on; ``ref`` is its ``client_ref`` or ``run_id`` when known."""
+
+    code: str
+    message: str
+    ref: str | None = None
+    detail: dict[str, Any] = msgspec.field(default_factory=dict[str, Any])
+
+
+ServerFrame = RunAccepted | RunResumed | Pong | ErrorFrame
+
+_decoder = msgspec.json.Decoder(ClientFrame)
+RATE_LIMIT_CLOSE = 1008
+
+
+def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Refuse cross-site WebSocket handshakes: the Origin must be the service's own or allow-listed."""
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return  # not a browser
+    settings: Settings = connection.app.state.settings
+    if origin in settings.allowed_origins or urlsplit(origin).netloc == connection.headers.get("host"):
+        return
+    raise NotAuthorizedException(f"origin {origin!r} is not allowed")
+
+
+class _Session:
+    """One socket's runs and frames."""
+
+    def __init__(self, socket: WebSocket[Any, Any, Any], runs: RunManager, settings: Settings) -> None:
+        self.socket = socket
+        self.runs = runs
+        self.settings = settings
+        self.followers: dict[str, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.send_lock = asyncio.Lock()
+        self.tokens = float(settings.ws_frame_burst)
+        self.refilled = time.monotonic()
+
+    async def send(self, frame: object) -> None:
+        async with self.send_lock:
+            await self.socket.send_data(ws_frame(frame), mode="text")
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                message = await self.socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if not self._take_token():
+                    await self.socket.close(RATE_LIMIT_CLOSE, "too many frames")
+                    return
+                await self._handle(message.get("text"))
+        except WebSocketDisconnect:
+            return
+        finally:
+            for task in [*self.followers.values(), *self.tasks]:
+                task.cancel()
+            await asyncio.gather(*self.followers.values(), *self.tasks, return_exceptions=True)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        rate, burst = self.settings.ws_frames_per_s, self.settings.ws_frame_burst
+        self.tokens = min(burst, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        self.tokens -= 1
+        return self.tokens >= 0
+
+    async def _handle(self, text: str | None) -> None:
+        frame = parse_frame(text, self.settings.ws_max_frame_bytes)
+        match frame:
+            case ErrorFrame():
+                await self.send(frame)
+            case CreateFrame():
+                self._spawn(self._create(frame))
+            case ResumeFrame():
+                self._spawn(self._resume(frame))
+            case CancelFrame():
+                self._spawn(self._cancel(frame))
+            case PingFrame():
+                await self.send(Pong(frame.nonce))
+            case _:
+                assert_never(frame)
+
+    def _spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _create(self, frame: CreateFrame) -> None:
+        ref = frame.client_ref
+        try:
+            options = run_options(frame, self.settings.max_message_chars)
+            record, created = await self.runs.start_run(frame.chat_id, options, frame.idempotency_key)
+            events = await self.runs.open_events(record.id, 0)
+        except InvalidBodyError as exc:
+            await self.send(ErrorFrame("invalid_request", str(exc), ref=ref, detail={"field": exc.field}))
+            return
+        except errors.ServiceError as exc:
+            await self.send(ErrorFrame(exc.code, exc.message, ref=ref, detail=exc.detail))
+            return
+        await self.send(RunAccepted(ref, record.id, created))
+        if events is not None:
+            self._follow(record.id, events)
+
+    async def _resume(self, frame: ResumeFrame) -> None:
+        try:
+            record = await self.runs.get_run(frame.run_id)
+            events = await self.runs.open_events(frame.run_id, frame.after)
+        except errors.ServiceError as exc:
+            await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
+            return
+        await self.send(RunResumed(frame.run_id, frame.after, record.last_seq, record.status))
+        if events is not None:
+            self._follow(frame.run_id, events)
+
+    async def _cancel(self, frame: CancelFrame) -> None:
+        try:
+            await self.runs.cancel(frame.run_id)
+        except errors.ServiceError as exc:
+            await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
+
+    def _follow(self, run_id: str, events: AsyncIterator[AnyEvent]) -> None:
+        previous = self.followers.pop(run_id, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.create_task(self._pump(events))
+        self.followers[run_id] = task
+        task.add_done_callback(lambda t: self.followers.pop(run_id, None) if self.followers.get(run_id) is t else None)
+
+    async def _pump(self, events: AsyncIterator[AnyEvent]) -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            async for event in events:
+                await self.send(event)
+
+
+def parse_frame(text: str | None, max_bytes: int) -> ClientFrame | ErrorFrame:
+    """Decode one client frame, or say what is wrong with it (``text`` is None for a binary frame)."""
+    if text is None:
+        return ErrorFrame("invalid_frame", "binary frames are not supported; send JSON text")
+    if len(text) > max_bytes or (4 * len(text) > max_bytes and len(text.encode()) > max_bytes):
+        return ErrorFrame("frame_too_large", f"frame is larger than {max_bytes} bytes")
+    try:
+        return _decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        return ErrorFrame("invalid_frame", str(exc), ref=_guess_ref(text))
+
+
+def _guess_ref(text: str) -> str | None:
+    """The ``client_ref`` or ``run_id`` of a frame that failed validation, if it is a JSON object."""
+    with contextlib.suppress(msgspec.DecodeError):
+        raw = msgspec.json.decode(text)
+        if isinstance(raw, dict):
+            ref = raw.get("client_ref") or raw.get("run_id")  # type: ignore[union-attr]
+            return ref if isinstance(ref, str) else None
+    return None
+
+
+@websocket("/v1/ws", guards=[origin_guard])
+async def chat_socket(
+    socket: WebSocket[Any, Any, Any], runs: NamedDependency[RunManager], settings: NamedDependency[Settings]
+) -> None:
+    """The multiplexed WebSocket (see the module docstring and ``openapi/asyncapi.yaml``)."""
+    await socket.accept()
+    streams = metrics.OPEN_STREAMS.labels("websocket")
+    streams.inc()
+    try:
+        await _Session(socket, runs, settings).serve()
+    finally:
+        streams.dec()

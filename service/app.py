@@ -1,0 +1,131 @@
+"""``create_app(settings)``: the only place the service is wired together.
+
+Run it with ``python -m service`` or ``uvicorn service.app:create_app --factory``
+(settings then come from ``SERVICE_*`` environment variables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.logging import LoggingConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.static_files import create_static_files_router  # pyright: ignore[reportUnknownVariableType]
+
+from service.api.chats import ChatController
+from service.api.deps import DEPENDENCIES
+from service.api.health import HealthController
+from service.api.models import CatalogController
+from service.api.runs import RunController
+from service.api.ws import chat_socket
+from service.engine.engine import ChatEngine
+from service.engine.providers import ProviderRegistry
+from service.engine.tools import ToolCatalog
+from service.errors import EXCEPTION_HANDLERS
+from service.openapi import OpenAPIJsonPlugin
+from service.runs.base import RunBackend
+from service.runs.manager import RunManager
+from service.runs.memory import MemoryRunBackend
+from service.settings import Settings
+from service.store.sql import SqlChatStore
+
+if TYPE_CHECKING:
+    from service.engine.mcp import McpHub
+
+WEB_DIR = Path(__file__).parent / "web"
+API_DESCRIPTION = """One chat engine behind two transports: request-bound SSE (`POST /v1/chats/{chat_id}/runs`
+with `Accept: text/event-stream`), resumable SSE for `EventSource` (`GET /v1/runs/{run_id}/events`), and a
+multiplexed WebSocket at `/v1/ws` (described in `openapi/asyncapi.yaml`). Every error has the shape
+`{"error": {"code", "message", "detail"}}`. Clients must ignore event types they do not know."""
+
+
+# redis and mcp are imported only when configured: each costs about 14 MB of resident memory.
+
+
+def _run_backend(settings: Settings) -> RunBackend:
+    if settings.redis_url:
+        from service.runs.redis import RedisRunBackend
+
+        return RedisRunBackend(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            retention_s=settings.run_retention_s,
+            max_events_per_run=settings.max_events_per_run,
+        )
+    return MemoryRunBackend(retention_s=settings.run_retention_s, max_events_per_run=settings.max_events_per_run)
+
+
+def _mcp_hub(settings: Settings) -> McpHub | None:
+    if not settings.mcp_servers:
+        return None
+    from service.engine.mcp import McpHub, load_mcp_config
+
+    return McpHub(load_mcp_config(settings.mcp_servers))
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the service from ``settings`` (default: read from the environment)."""
+    settings = settings or Settings.from_env()
+    providers = ProviderRegistry(settings)
+    store = SqlChatStore(settings.database_url)
+    hub = _mcp_hub(settings)
+    tools = ToolCatalog(timeout_s=settings.tool_timeout_s, max_output_chars=settings.tool_max_output_chars, mcp=hub)
+    engine = ChatEngine(providers, max_tool_rounds=settings.max_tool_rounds)
+    runs = RunManager(
+        engine=engine,
+        backend=_run_backend(settings),
+        store=store,
+        tools=tools,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncGenerator[None]:
+        await store.start()
+        await tools.start()
+        await runs.start()
+        try:
+            yield
+        finally:
+            await runs.close()
+            await tools.close()
+            await store.close()
+            await providers.close()
+
+    route_handlers: list[object] = [
+        HealthController,
+        ChatController,
+        RunController,
+        CatalogController,
+        chat_socket,
+        PrometheusController,
+    ]
+    if (WEB_DIR / "index.html").exists():
+        route_handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
+    return Litestar(
+        route_handlers=route_handlers,  # type: ignore[arg-type]
+        dependencies=DEPENDENCIES,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        state=State({"settings": settings, "providers": providers, "store": store, "tools": tools, "runs": runs}),
+        middleware=[PrometheusConfig(app_name="chat_service", group_path=True).middleware],
+        cors_config=CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None,
+        openapi_config=OpenAPIConfig(
+            title="Chat service",
+            version="0.1.0",
+            description=API_DESCRIPTION,
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), OpenAPIJsonPlugin()],
+            use_handler_docstrings=True,
+        ),
+        logging_config=LoggingConfig(root={"level": settings.log_level.upper(), "handlers": ["queue_listener"]}),
+        request_max_body_size=2 * 1024 * 1024,
+    )

@@ -1,0 +1,1 @@
+"""The chat engine: upstream providers, the demo model, chunk decoding, tools."""

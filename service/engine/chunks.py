@@ -1,0 +1,103 @@
+"""The upstream wire: SSE bytes -> ``data`` payloads -> minimal msgspec chunk Structs.
+
+The openai SDK builds a pydantic object per chunk (about 100 µs each); reading
+the raw stream through ``with_streaming_response`` and decoding only the
+fields we use with msgspec costs a few µs. Unknown fields are ignored, so any
+OpenAI-compatible server's extras pass through harmlessly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+
+class FunctionDelta(msgspec.Struct):
+    """Name and argument fragment of a streamed tool call."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(msgspec.Struct):
+    """One streamed tool-call fragment; ``index`` tells parallel calls apart."""
+
+    index: int = 0
+    id: str | None = None
+    function: FunctionDelta | None = None
+
+
+class Delta(msgspec.Struct):
+    """What one chunk adds to the assistant message."""
+
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
+
+
+class Choice(msgspec.Struct):
+    """A chunk's choice (only index 0 is used)."""
+
+    index: int = 0
+    delta: Delta | None = None
+    finish_reason: str | None = None
+
+
+class ChunkUsage(msgspec.Struct):
+    """Token counts, sent in the last chunk when ``include_usage`` is asked."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Chunk(msgspec.Struct):
+    """A ``chat.completion.chunk``, or an in-stream error object."""
+
+    choices: list[Choice] = msgspec.field(default_factory=list["Choice"])
+    usage: ChunkUsage | None = None
+    error: dict[str, Any] | None = None
+
+
+DONE = object()
+"""Returned by ``decode_chunk`` for the ``[DONE]`` sentinel."""
+
+_chunk_decoder = msgspec.json.Decoder(Chunk)
+
+
+def decode_chunk(data: bytes) -> Chunk | object:
+    """Decode one ``data`` payload: a Chunk, or ``DONE``. Raises ``msgspec.DecodeError`` on bad JSON."""
+    if data == b"[DONE]":
+        return DONE
+    return _chunk_decoder.decode(data)
+
+
+async def iter_sse_data(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield the ``data`` of each SSE event in a byte stream (WHATWG rules: any line ending, multi-line data)."""
+    buffer = b""
+    data: list[bytes] = []
+    async for piece in byte_chunks:
+        buffer += piece
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # a CRLF may be split across reads
+                continue
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+            # other fields (event, id, retry) and comments carry nothing for chat completions
+    if buffer.startswith(b"data:"):
+        value = buffer[5:]
+        data.append(value[1:] if value.startswith(b" ") else value)
+    if data:
+        yield b"\n".join(data)

@@ -1,0 +1,154 @@
+"""Upstream providers: any OpenAI-compatible endpoint, addressed as ``provider/model``.
+
+Sources, merged in this order:
+
+1. ``demo``: always there, the in-process demo model (model id ``demo``);
+2. ``openai``: from ``SERVICE_OPENAI_BASE_URL`` / ``SERVICE_OPENAI_API_KEY``;
+3. the JSON or TOML file named by ``SERVICE_PROVIDERS``::
+
+       {"providers": {"local": {"base_url": "http://127.0.0.1:11434/v1",
+                                "api_key_env": "LOCAL_KEY", "models": ["llama3"],
+                                "timeout_s": 30, "max_retries": 1}}}
+
+Keys stay inside ``AsyncOpenAI`` clients: nothing here renders them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import msgspec
+import openai
+
+from service.engine.demo import DemoTransport
+from service.engine.transport import UpstreamTransport
+from service.settings import Settings
+
+
+class UnknownModelError(LookupError):
+    """A model id that names no configured provider or model."""
+
+
+class ProviderConfigError(ValueError):
+    """The providers file is unreadable or malformed; the message names the problem."""
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One upstream, as written in the providers file."""
+
+    base_url: str
+    api_key: str | None = None
+    api_key_env: str | None = None
+    models: list[str] = msgspec.field(default_factory=list[str])
+    """Model names served; empty accepts any name (``provider/anything``)."""
+    timeout_s: float | None = None
+    max_retries: int | None = None
+
+
+class _ProvidersFile(msgspec.Struct, forbid_unknown_fields=True):
+    providers: dict[str, ProviderConfig]
+
+
+class Provider:
+    """A configured upstream and its SDK client."""
+
+    def __init__(self, name: str, config: ProviderConfig, client: openai.AsyncOpenAI) -> None:
+        self.name = name
+        self.config = config
+        self.client = client
+
+    def accepts(self, model: str) -> bool:
+        """Whether this provider serves ``model``."""
+        return not self.config.models or model in self.config.models
+
+
+class ProviderRegistry:
+    """Resolves model ids to an SDK client and the upstream's model name."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.default_model = settings.default_model
+        self._providers: dict[str, Provider] = {}
+        demo = openai.AsyncOpenAI(
+            base_url="http://demo.invalid/v1",
+            api_key="demo",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(transport=DemoTransport(settings.demo_token_delay_ms / 1000)),
+        )
+        self._providers["demo"] = Provider("demo", ProviderConfig(base_url="demo", models=["demo"]), demo)
+        configs: dict[str, ProviderConfig] = {}
+        if settings.openai_base_url:
+            configs["openai"] = ProviderConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key)
+        if settings.providers:
+            configs.update(load_providers_file(settings.providers))
+        for name, config in configs.items():
+            if name == "demo" or "/" in name:
+                raise ProviderConfigError(f"provider name {name!r} is reserved or contains '/'")
+            client = openai.AsyncOpenAI(
+                base_url=config.base_url,
+                api_key=_api_key(name, config),
+                timeout=config.timeout_s if config.timeout_s is not None else settings.upstream_timeout_s,
+                max_retries=config.max_retries if config.max_retries is not None else settings.upstream_max_retries,
+                http_client=_http_client(),
+            )
+            self._providers[name] = Provider(name, config, client)
+
+    def resolve(self, model_id: str | None) -> tuple[str, openai.AsyncOpenAI, str]:
+        """``(model id, client, upstream model name)`` for a model id; raises ``UnknownModelError``."""
+        model_id = model_id or self.default_model
+        if model_id == "demo":
+            return model_id, self._providers["demo"].client, "demo"
+        name, _, model = model_id.partition("/")
+        provider = self._providers.get(name)
+        if provider is None or name == "demo" or not model or not provider.accepts(model):
+            raise UnknownModelError(f"unknown model {model_id!r}; GET /v1/models lists the available ones")
+        return model_id, provider.client, model
+
+    def model_ids(self) -> list[tuple[str, str]]:
+        """``(model id, provider)`` pairs for ``GET /v1/models``; a provider with no list shows ``name/*``."""
+        listed: list[tuple[str, str]] = [("demo", "demo")]
+        for provider in self._providers.values():
+            if provider.name == "demo":
+                continue
+            models = provider.config.models or ["*"]
+            listed += [(f"{provider.name}/{m}", provider.name) for m in models]
+        return listed
+
+    async def close(self) -> None:
+        """Close every client's connection pool."""
+        for provider in self._providers.values():
+            await provider.client.close()
+
+
+def load_providers_file(path: str) -> dict[str, ProviderConfig]:
+    """Read a providers file (``.toml`` or JSON)."""
+    try:
+        raw = Path(path).read_bytes()
+        data: Any = tomllib.loads(raw.decode()) if path.endswith(".toml") else msgspec.json.decode(raw)
+        return msgspec.convert(data, _ProvidersFile).providers
+    except (OSError, tomllib.TOMLDecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProviderConfigError(f"SERVICE_PROVIDERS file {path}: {exc}") from exc
+
+
+def _http_client() -> httpx2.AsyncClient | None:
+    """The SDK's HTTP client on ``UpstreamTransport`` (far less CPU per streamed read, see its module).
+
+    None (the SDK's own client) when a proxy is configured in the environment, which that transport
+    does not speak.
+    """
+    if urllib.request.getproxies():
+        return None
+    return openai.DefaultAsyncHttpxClient(transport=UpstreamTransport())
+
+
+def _api_key(name: str, config: ProviderConfig) -> str:
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if key is None:
+            raise ProviderConfigError(f"provider {name!r}: environment variable {config.api_key_env} is not set")
+        return key
+    return config.api_key or "unused"

@@ -1,0 +1,209 @@
+"""The event contract: one tagged union, encoded once.
+
+Every event carries ``run_id`` and ``seq``. ``seq`` is stamped by the run log
+when the event is appended (``msgspec.structs.replace``); the engine yields
+events with ``seq=0``. Event type names are API: add, never rename.
+
+Clients must ignore event types they do not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+ErrorCode = Literal[
+    "upstream_error",
+    "rate_limited",
+    "length_exceeded",
+    "content_filter",
+    "timeout",
+    "invalid_output",
+    "tool_rounds_exceeded",
+    "owner_lost",
+    "store_unavailable",
+    "internal",
+]
+
+
+class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
+    """Base of every event: the run it belongs to and its position in the run's log."""
+
+    run_id: str
+    seq: int = 0
+
+
+class RunStarted(Event, tag="run.started", frozen=True):
+    """The run began; ``model`` is the resolved model id."""
+
+    chat_id: str
+    model: str
+    created_at: float
+
+
+class TextDelta(Event, tag="text.delta", frozen=True):
+    """A piece of the assistant's answer."""
+
+    delta: str
+
+
+class TextDone(Event, tag="text.done", frozen=True):
+    """The assistant's full answer text for this model turn."""
+
+    text: str
+
+
+class ReasoningDelta(Event, tag="reasoning.delta", frozen=True):
+    """A piece of reasoning, when the upstream sends it."""
+
+    delta: str
+
+
+class ToolCallStarted(Event, tag="tool_call.started", frozen=True):
+    """The model began a tool call."""
+
+    call_id: str
+    name: str
+
+
+class ToolCallDelta(Event, tag="tool_call.delta", frozen=True):
+    """More argument text; `parsed` is the partial object parsed so far (null until one parses)."""
+
+    call_id: str
+    arguments_delta: str
+    parsed: dict[str, Any] | None = None
+
+
+class ToolCallDone(Event, tag="tool_call.done", frozen=True):
+    """The full arguments string and the validated object.
+
+    ``parsed`` is None when the arguments are not a valid JSON object; the call
+    is then not run and its ``tool.result`` is an error the model sees.
+    """
+
+    call_id: str
+    name: str
+    arguments: str
+    parsed: dict[str, Any] | None = None
+
+
+class ToolResult(Event, tag="tool.result", frozen=True):
+    """What a tool returned (or why it failed, with ``is_error``)."""
+
+    call_id: str
+    name: str
+    output: str
+    is_error: bool = False
+
+
+class OutputPartial(Event, tag="output.partial", frozen=True):
+    """Structured output: the partial object parsed from the text so far."""
+
+    partial: Any
+
+
+class OutputDone(Event, tag="output.done", frozen=True):
+    """Structured output: the final object, validated against the schema."""
+
+    output: Any
+
+
+class RefusalDelta(Event, tag="refusal.delta", frozen=True):
+    """A piece of a refusal."""
+
+    delta: str
+
+
+class RefusalDone(Event, tag="refusal.done", frozen=True):
+    """The full refusal."""
+
+    refusal: str
+
+
+class Usage(Event, tag="usage", frozen=True):
+    """Token usage reported by the upstream, summed over the run's model turns."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RunCompleted(Event, tag="run.completed", frozen=True):
+    """Terminal: the model finished; the answer is stored as ``message_id``."""
+
+    finish_reason: str
+    message_id: str | None = None
+
+
+class RunCancelled(Event, tag="run.cancelled", frozen=True):
+    """Terminal: the run was stopped; the partial answer is stored as ``message_id``."""
+
+    reason: str
+    message_id: str | None = None
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """A typed failure."""
+
+    code: ErrorCode
+    message: str
+
+
+class RunFailed(Event, tag="run.failed", frozen=True):
+    """Terminal: the run failed; any partial answer is stored as ``message_id``."""
+
+    error: ErrorInfo
+    message_id: str | None = None
+
+
+AnyEvent = (
+    RunStarted
+    | TextDelta
+    | TextDone
+    | ReasoningDelta
+    | ToolCallStarted
+    | ToolCallDelta
+    | ToolCallDone
+    | ToolResult
+    | OutputPartial
+    | OutputDone
+    | RefusalDelta
+    | RefusalDone
+    | Usage
+    | RunCompleted
+    | RunCancelled
+    | RunFailed
+)
+TERMINAL_TYPES = (RunCompleted, RunCancelled, RunFailed)
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def is_terminal(event: Event) -> bool:
+    """Whether ``event`` ends its run."""
+    return isinstance(event, TERMINAL_TYPES)
+
+
+def encode_json(obj: object) -> bytes:
+    """Encode an event (or any msgspec-encodable value) to JSON bytes."""
+    return _encoder.encode(obj)
+
+
+def decode_event(data: bytes | str) -> AnyEvent:
+    """Decode one event from its JSON form."""
+    return _event_decoder.decode(data)
+
+
+def sse_frame(event: Event) -> bytes:
+    """Frame one event for Server-Sent Events: ``id`` is the seq, the JSON is one ``data`` line.
+
+    msgspec never writes a raw newline inside JSON, so a single ``data:`` line is always valid.
+    """
+    return b"id: %d\ndata: %s\n\n" % (event.seq, _encoder.encode(event))
+
+
+def ws_frame(obj: object) -> str:
+    """Frame an event (or a server frame) as WebSocket text."""
+    return _encoder.encode(obj).decode()

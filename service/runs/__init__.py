@@ -1,0 +1,1 @@
+"""Runs that outlive connections: the run manager and its backends."""

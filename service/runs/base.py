@@ -1,0 +1,133 @@
+"""The run backend contract: run records, the per-run event log, cancel signals.
+
+A backend keeps, for each run: its record (status, chat, owner), its event log
+(events stamped with ``seq`` = 1, 2, 3 … in append order), the chat's
+active-run claim, idempotency keys, and a count of attached readers. The
+memory backend serves one process; the Redis backend lets several instances
+serve each other's runs.
+
+Lifecycle of a run in a backend::
+
+    create_run ──> append(seq 1) … append(terminal) ──(retention)──> expired
+        │                                   │
+        └─ chat claimed                     └─ chat released, finished_at set
+
+Reads never block the writer: a reader keeps its own cursor into the log.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import msgspec
+
+from service.events import AnyEvent
+
+RunStatus = Literal["running", "completed", "cancelled", "failed"]
+OnDisconnect = Literal["continue", "cancel"]
+CancelCallback = Callable[[str, str], None]
+"""Called on the instance that owns a run with ``(run_id, reason)`` when anyone asks to cancel it."""
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What a backend knows about a run."""
+
+    id: str
+    chat_id: str
+    model: str
+    status: RunStatus = "running"
+    on_disconnect: OnDisconnect = "continue"
+    owner: str = ""
+    created_at: float = 0.0
+    finished_at: float | None = None
+    last_seq: int = 0
+    message_id: str | None = None
+
+
+class RunNotFoundError(Exception):
+    """No run with this id was ever known (or its tombstone is gone too)."""
+
+
+class RunExpiredError(Exception):
+    """The run existed but its log is past retention."""
+
+
+class ChatBusyError(Exception):
+    """The chat already has an active run."""
+
+    def __init__(self, active_run_id: str) -> None:
+        super().__init__(active_run_id)
+        self.active_run_id = active_run_id
+
+
+class CursorError(Exception):
+    """A resume cursor that does not name a position in the run's log."""
+
+
+class RunBackend(ABC):
+    """Storage and signalling for runs. See the module docstring."""
+
+    instance_id: str
+
+    @abstractmethod
+    async def start(self, on_cancel: CancelCallback) -> None:
+        """Start background work; ``on_cancel`` is called for cancel requests of runs this instance owns."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop background work and release connections."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """Whether the backend answers (for ``/readyz``)."""
+
+    @abstractmethod
+    async def create_run(self, record: RunRecord, *, idempotency_key: str | None = None) -> tuple[RunRecord, bool]:
+        """Register a run and claim its chat, atomically.
+
+        Returns ``(record, True)`` for a new run. When ``idempotency_key`` was
+        already used, returns ``(that run's record, False)`` and creates
+        nothing. Raises ``ChatBusyError`` when the chat has an active run.
+        """
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run's record. Raises ``RunNotFoundError`` or ``RunExpiredError``."""
+
+    @abstractmethod
+    async def active_run(self, chat_id: str) -> str | None:
+        """The id of the chat's active run, if any."""
+
+    @abstractmethod
+    async def append(self, run_id: str, event: AnyEvent) -> AnyEvent:
+        """Stamp ``event`` with the next seq, add it to the log and wake readers.
+
+        A terminal event also finishes the record (status, ``finished_at``,
+        ``message_id``), releases the chat and starts the retention clock.
+        Returns the stamped event. An event for a run that has already ended
+        is dropped: nothing follows a terminal event in the log.
+        """
+
+    @abstractmethod
+    def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:
+        """Events with seq > ``after``: the log first, then live ones, ending after the terminal event.
+
+        Raises (on first iteration) ``RunNotFoundError``, ``RunExpiredError``,
+        or ``CursorError`` when ``after`` is negative, beyond the log's end, or
+        before its first kept event (and mid-read for a reader that falls
+        behind the per-run cap).
+        """
+
+    @abstractmethod
+    async def request_cancel(self, run_id: str, reason: str) -> None:
+        """Ask the owner of ``run_id`` (on whichever instance) to cancel it."""
+
+    @abstractmethod
+    async def attach(self, run_id: str) -> None:
+        """Count one more reader of the run."""
+
+    @abstractmethod
+    async def detach(self, run_id: str) -> int:
+        """Count one reader less; returns how many remain (across instances)."""

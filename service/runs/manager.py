@@ -1,0 +1,300 @@
+"""The RunManager: owns each run as a background task, independent of any connection.
+
+Every event the engine yields is appended to the run's log (which stamps its
+seq) and so reaches every subscriber; ``open_events(run_id, after)`` replays
+the log from ``after + 1`` and then follows it live. When a run ends, its
+messages are written to the store once, before the terminal event is
+appended, so a client that sees ``run.completed`` can read the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from service import errors, metrics
+from service.engine.engine import ChatEngine, RunRequest, ToolRunner
+from service.engine.providers import UnknownModelError
+from service.engine.tools import McpUnavailableError, ServerNotAllowedError, ToolError
+from service.events import AnyEvent, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
+from service.runs import base
+from service.runs.base import OnDisconnect, RunBackend, RunRecord
+from service.runs.memory import terminal_status
+from service.runs.transcript import Transcript, openai_history
+from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
+
+log = logging.getLogger("service.runs")
+
+
+def tool_selection_error(exc: ToolError) -> errors.ServiceError:
+    """The API error for a tool selection that cannot be served (503 when an MCP server is down)."""
+    if isinstance(exc, McpUnavailableError):
+        return errors.UnavailableError(exc.message, code=exc.code)
+    field = "mcp_servers" if isinstance(exc, ServerNotAllowedError) else "tools"
+    return errors.ToolSelectionError(exc.message, code=exc.code, detail={"field": field})
+
+
+class ToolSource(Protocol):
+    """Builds the toolbox of one run (``service.engine.tools.ToolCatalog``)."""
+
+    async def toolbox(self, tools: Sequence[str] | None, mcp_servers: Sequence[str] | None) -> ToolRunner: ...  # noqa: D102
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What a client asks of a run (the HTTP body or the WebSocket ``run.create`` frame)."""
+
+    message: str | list[dict[str, Any]]
+    model: str | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[str] | None = None
+    mcp_servers: list[str] | None = None
+    on_disconnect: OnDisconnect = "continue"
+
+
+class RunManager:
+    """Starts, follows and cancels runs. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        engine: ChatEngine,
+        backend: RunBackend,
+        store: ChatStore,
+        tools: ToolSource | None,
+        shutdown_grace_s: float,
+    ) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.store = store
+        self.tools = tools
+        self._grace = shutdown_grace_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Start the backend and listen for cancel requests."""
+        await self.backend.start(self._on_cancel)
+
+    async def close(self) -> None:
+        """Let running runs finish within the grace period, then cancel them with reason ``shutdown``."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._grace)
+            for run_id, task in list(self._tasks.items()):
+                if task in pending:
+                    self._cancel_reasons[run_id] = "shutdown"
+                    task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.backend.close()
+
+    async def start_run(
+        self, chat_id: str, options: RunOptions, idempotency_key: str | None = None
+    ) -> tuple[RunRecord, bool]:
+        """Start a run on a chat; returns ``(run, created)`` (an idempotent retry gives ``created=False``)."""
+        chat = await self._chat(chat_id)
+        model = options.model or chat.model
+        try:
+            model, _, _ = self.engine.providers.resolve(model)
+        except UnknownModelError as exc:
+            raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc
+        toolbox = await self._toolbox(chat, options)
+        record = RunRecord(
+            id=uuid.uuid4().hex,
+            chat_id=chat.id,
+            model=model,
+            on_disconnect=options.on_disconnect,
+            created_at=time.time(),
+        )
+        key = f"{chat.id}:{idempotency_key}" if idempotency_key else None
+        try:
+            record, created = await self.backend.create_run(record, idempotency_key=key)
+        except base.ChatBusyError as exc:
+            raise errors.ChatBusyError(
+                "the chat already has an active run", detail={"active_run_id": exc.active_run_id}
+            ) from exc
+        if not created:
+            return record, False
+        message_id = uuid.uuid4().hex
+        try:
+            user = Message(
+                id=uuid.uuid4().hex,
+                chat_id=chat.id,
+                role="user",
+                content=options.message,
+                run_id=record.id,
+                created_at=time.time(),
+            )
+            history = openai_history(chat.system, await self.store.append_and_list(chat.id, [user]))
+        except StoreUnavailableError as exc:
+            failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
+            await self.backend.append(record.id, failed)
+            raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
+        request = RunRequest(
+            run_id=record.id,
+            chat_id=chat.id,
+            model=model,
+            messages=history,
+            message_id=message_id,
+            response_format=options.response_format or chat.response_format,
+            toolbox=toolbox,
+        )
+        transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id)
+        self._tasks[record.id] = asyncio.create_task(self._drive(request, transcript), name=f"run-{record.id}")
+        return record, True
+
+    async def _chat(self, chat_id: str) -> Chat:
+        try:
+            chat = await self.store.get_chat(chat_id)
+        except StoreUnavailableError as exc:
+            raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
+        if chat is None:
+            raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
+        return chat
+
+    async def _toolbox(self, chat: Chat, options: RunOptions) -> ToolRunner | None:
+        if self.tools is None:
+            return None
+        tools = options.tools if options.tools is not None else chat.tools
+        servers = options.mcp_servers if options.mcp_servers is not None else chat.mcp_servers
+        try:
+            return await self.tools.toolbox(tools, servers)
+        except ToolError as exc:
+            raise tool_selection_error(exc) from exc
+
+    async def _drive(self, request: RunRequest, transcript: Transcript) -> None:
+        run_id = request.run_id
+        loop = asyncio.get_running_loop()
+        started, events = loop.time(), 0
+        metrics.ACTIVE_RUNS.inc()
+        try:
+            async for event in self.engine.run(request):
+                events += 1
+                if is_terminal(event):
+                    event = await self._persist(transcript, event)
+                else:
+                    if events == 2:  # the first event after run.started is the model's first output
+                        metrics.TIME_TO_FIRST_EVENT.observe(loop.time() - started)
+                    transcript.add(event)
+                await self.backend.append(run_id, event)
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(run_id, "cancelled")
+            cancelled = RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
+            await self.backend.append(run_id, await self._persist(transcript, cancelled))
+            raise
+        except Exception:
+            log.exception("run %s crashed", run_id)
+            failed = RunFailed(
+                run_id=run_id, error=ErrorInfo("internal", "an internal error stopped the run"), message_id=None
+            )
+            with contextlib.suppress(Exception):
+                await self.backend.append(run_id, await self._persist(transcript, failed))
+        finally:
+            self._tasks.pop(run_id, None)
+            self._cancel_reasons.pop(run_id, None)
+            metrics.ACTIVE_RUNS.dec()
+            metrics.RUN_EVENTS.inc(events)
+
+    async def _persist(self, transcript: Transcript, terminal: AnyEvent) -> AnyEvent:
+        """Store the run's messages; a store failure turns the terminal event into ``store_unavailable``."""
+        match terminal:
+            case RunCompleted(finish_reason=reason):
+                messages = transcript.messages("completed", reason)
+            case RunCancelled():
+                messages = transcript.messages("cancelled", None)
+            case RunFailed(error=error):
+                messages = transcript.messages("failed", error.code)
+            case _:
+                return terminal
+        try:
+            await self.store.append_messages(transcript.chat_id, messages)
+        except (StoreUnavailableError, LookupError) as exc:
+            log.warning("run %s: could not store its messages: %s", transcript.run_id, exc)
+            error = ErrorInfo("store_unavailable", "the answer could not be stored")
+            terminal = RunFailed(run_id=transcript.run_id, error=error, message_id=None)
+        else:
+            terminal = msgspec.structs.replace(terminal, message_id=transcript.message_id)
+        metrics.RUNS_FINISHED.labels(terminal_status(terminal)).inc()
+        if isinstance(terminal, RunFailed):
+            metrics.RUN_ERRORS.labels(terminal.error.code).inc()
+        return terminal
+
+    def _on_cancel(self, run_id: str, reason: str) -> None:
+        task = self._tasks.get(run_id)
+        if task is not None and not task.done():
+            self._cancel_reasons.setdefault(run_id, reason)
+            task.cancel()
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run's record; 404 if unknown, 410 once expired."""
+        try:
+            return await self.backend.get_run(run_id)
+        except base.RunNotFoundError as exc:
+            raise errors.NotFoundError(f"no run {run_id!r}", detail={"run_id": run_id}) from exc
+        except base.RunExpiredError as exc:
+            raise errors.RunExpiredError(
+                "the run's events are past retention; its answer is in the chat", detail={"run_id": run_id}
+            ) from exc
+
+    async def active_run(self, chat_id: str) -> RunRecord | None:
+        """The chat's running run, if any."""
+        await self._chat(chat_id)
+        run_id = await self.backend.active_run(chat_id)
+        if run_id is None:
+            return None
+        with contextlib.suppress(errors.ServiceError):
+            record = await self.get_run(run_id)
+            return record if record.status == "running" else None
+        return None
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by the client") -> RunRecord:
+        """Ask the run's owner to stop it (idempotent: a finished run is returned as it is)."""
+        record = await self.get_run(run_id)
+        if record.finished_at is None:
+            await self.backend.request_cancel(run_id, reason)
+        return record
+
+    async def open_events(self, run_id: str, after: int) -> AsyncIterator[AnyEvent] | None:
+        """Events after ``after``, then live ones; None when a finished run has nothing left to send.
+
+        Raises 404/410 for unknown/expired runs and 400 ``invalid_cursor`` for a cursor past the log.
+        """
+        record = await self.get_run(run_id)
+        if after < 0 or after > record.last_seq:
+            raise errors.InvalidCursorError(
+                f"cursor {after} is not a position in this run (0..{record.last_seq})",
+                detail={"run_id": run_id, "last_seq": record.last_seq},
+            )
+        if record.finished_at is not None and after == record.last_seq:
+            return None
+        return self._follow(record, after)
+
+    async def _follow(self, record: RunRecord, after: int) -> AsyncIterator[AnyEvent]:
+        await self.backend.attach(record.id)
+        try:
+            async for event in self.backend.read(record.id, after):
+                yield event
+        except (base.CursorError, base.RunExpiredError) as exc:
+            log.info("reader of run %s stopped: %s", record.id, exc)
+        finally:
+            # A task of its own: the reader may be inside a cancelled scope, where any await fails.
+            release = asyncio.create_task(self._release(record))
+            self._background.add(release)
+            release.add_done_callback(self._background.discard)
+
+    async def _release(self, record: RunRecord) -> None:
+        try:
+            remaining = await self.backend.detach(record.id)
+            if remaining == 0 and record.on_disconnect == "cancel":
+                await self.backend.request_cancel(record.id, "the last reader disconnected")
+        except Exception:
+            log.exception("run %s: could not release a reader", record.id)

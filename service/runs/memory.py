@@ -1,0 +1,226 @@
+"""The embedded run backend: everything in this process's memory.
+
+Bounded three ways: events kept per run (oldest dropped past the cap; a
+cursor before the first kept event is refused), finished runs kept
+(``retention_s`` after their end, and at most ``max_finished_runs``), and
+tombstones of expired runs (so they answer 410, not 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from service.events import AnyEvent, RunCancelled, RunCompleted, RunFailed, is_terminal
+from service.runs.base import (
+    CancelCallback,
+    ChatBusyError,
+    CursorError,
+    RunBackend,
+    RunExpiredError,
+    RunNotFoundError,
+    RunRecord,
+    RunStatus,
+)
+
+_TOMBSTONES = 100_000
+
+
+class _Run:
+    __slots__ = ("events", "first_seq", "idempotency_key", "readers", "record", "waiters")
+
+    def __init__(self, record: RunRecord, idempotency_key: str | None) -> None:
+        self.record = record
+        self.events: list[AnyEvent] = []
+        self.first_seq = 1  # seq of events[0]
+        self.readers = 0
+        self.idempotency_key = idempotency_key
+        # One future per waiting reader: a reader cancelled while waiting cancels only its own
+        # (cheaper per wait than sharing one future behind ``asyncio.shield``).
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def wake(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+    async def next_change(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self.waiters:  # not yet taken out by wake()
+                self.waiters.remove(waiter)
+            raise
+
+
+def terminal_status(event: AnyEvent) -> RunStatus:
+    """The run status a terminal event leaves behind."""
+    match event:
+        case RunCompleted():
+            return "completed"
+        case RunCancelled():
+            return "cancelled"
+        case RunFailed():
+            return "failed"
+        case _:
+            return "running"
+
+
+def terminal_message_id(event: AnyEvent) -> str | None:
+    """The stored message a terminal event points at."""
+    return event.message_id if isinstance(event, RunCompleted | RunCancelled | RunFailed) else None
+
+
+class MemoryRunBackend(RunBackend):
+    """Runs of this process only. See the module docstring for its bounds."""
+
+    def __init__(self, *, retention_s: float, max_events_per_run: int, max_finished_runs: int = 10_000) -> None:
+        self.instance_id = uuid.uuid4().hex[:12]
+        self._retention_s = retention_s
+        self._max_events = max_events_per_run
+        self._max_finished = max_finished_runs
+        self._runs: dict[str, _Run] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # run id -> expiry (monotonic)
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._active: dict[str, str] = {}  # chat id -> run id
+        self._idempotency: dict[str, str] = {}  # key -> run id
+        self._on_cancel: CancelCallback | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, on_cancel: CancelCallback) -> None:  # noqa: D102
+        self._on_cancel = on_cancel
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:  # noqa: D102
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    async def ping(self) -> bool:  # noqa: D102
+        return True
+
+    async def create_run(  # noqa: D102
+        self, record: RunRecord, *, idempotency_key: str | None = None
+    ) -> tuple[RunRecord, bool]:
+        if idempotency_key is not None and (existing := self._idempotency.get(idempotency_key)):
+            return await self.get_run(existing), False
+        if active := self._active.get(record.chat_id):
+            raise ChatBusyError(active)
+        record = msgspec.structs.replace(record, owner=self.instance_id)
+        self._runs[record.id] = _Run(record, idempotency_key)
+        self._active[record.chat_id] = record.id
+        if idempotency_key is not None:
+            self._idempotency[idempotency_key] = record.id
+        return record, True
+
+    async def get_run(self, run_id: str) -> RunRecord:  # noqa: D102
+        return self._get(run_id).record
+
+    async def active_run(self, chat_id: str) -> str | None:  # noqa: D102
+        return self._active.get(chat_id)
+
+    async def append(self, run_id: str, event: AnyEvent) -> AnyEvent:  # noqa: D102
+        run = self._get(run_id)
+        if run.record.finished_at is not None:
+            return event  # the run already ended: nothing follows its terminal event
+        seq = run.first_seq + len(run.events)
+        event = msgspec.structs.replace(event, seq=seq)
+        run.events.append(event)
+        if len(run.events) > self._max_events:
+            drop = len(run.events) - self._max_events
+            del run.events[:drop]
+            run.first_seq += drop
+        if is_terminal(event):
+            self._finish(run, event)
+        else:
+            run.record = msgspec.structs.replace(run.record, last_seq=seq)
+        run.wake()
+        return event
+
+    def _finish(self, run: _Run, event: AnyEvent) -> None:
+        run.record = msgspec.structs.replace(
+            run.record,
+            status=terminal_status(event),
+            finished_at=time.time(),
+            last_seq=event.seq,
+            message_id=terminal_message_id(event),
+        )
+        if self._active.get(run.record.chat_id) == run.record.id:
+            del self._active[run.record.chat_id]
+        self._finished[run.record.id] = time.monotonic() + self._retention_s
+        while len(self._finished) > self._max_finished:
+            self._expire(next(iter(self._finished)))
+
+    async def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:  # noqa: D102
+        run = self._get(run_id)
+        last = run.first_seq + len(run.events) - 1
+        if after < 0 or after > last:
+            raise CursorError(f"cursor {after} is outside the run's log (0..{last})")
+        if after < run.first_seq - 1:
+            raise CursorError(f"events up to {run.first_seq - 1} are no longer kept")
+        cursor = after  # seq of the last event handed out
+        while True:
+            index = cursor + 1 - run.first_seq
+            if index < 0:
+                raise CursorError(f"events up to {run.first_seq - 1} are no longer kept")
+            if index < len(run.events):
+                batch = run.events[index:]
+                for event in batch:
+                    yield event
+                    if is_terminal(event):
+                        return
+                cursor = batch[-1].seq
+            elif run.record.finished_at is not None:
+                return
+            else:
+                await run.next_change()
+
+    async def request_cancel(self, run_id: str, reason: str) -> None:  # noqa: D102
+        run = self._get(run_id)
+        if run.record.finished_at is None and self._on_cancel is not None:
+            self._on_cancel(run_id, reason)
+
+    async def attach(self, run_id: str) -> None:  # noqa: D102
+        self._get(run_id).readers += 1
+
+    async def detach(self, run_id: str) -> int:  # noqa: D102
+        run = self._runs.get(run_id)
+        if run is None:
+            return 0
+        run.readers = max(0, run.readers - 1)
+        return run.readers
+
+    def _get(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run
+        if run_id in self._tombstones:
+            raise RunExpiredError(run_id)
+        raise RunNotFoundError(run_id)
+
+    def _expire(self, run_id: str) -> None:
+        self._finished.pop(run_id, None)
+        run = self._runs.pop(run_id, None)
+        if run is not None and run.idempotency_key is not None:
+            self._idempotency.pop(run.idempotency_key, None)
+        self._tombstones[run_id] = None
+        while len(self._tombstones) > _TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, self._retention_s / 4)))
+            now = time.monotonic()
+            while self._finished:
+                run_id, expires = next(iter(self._finished.items()))
+                if expires > now:
+                    break
+                self._expire(run_id)

@@ -1,0 +1,130 @@
+"""Fold a run's events into the messages stored when the run ends.
+
+A run with tool calls stores, in order: an assistant message carrying the
+calls, one ``tool`` message per result, then the final assistant message
+(id = the run's ``message_id``), whose ``status`` says whether the run
+completed, was cancelled or failed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from service.engine.state import openai_tool_call
+from service.events import (
+    AnyEvent,
+    OutputDone,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+    ToolCallDone,
+    ToolResult,
+    Usage,
+)
+from service.store.base import Message, MessageStatus, ToolCallRecord, UsageRecord
+
+
+class Transcript:
+    """The messages of one run, built event by event."""
+
+    def __init__(self, *, chat_id: str, run_id: str, message_id: str) -> None:
+        self.chat_id = chat_id
+        self.run_id = run_id
+        self.message_id = message_id
+        self._done: list[Message] = []
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._refusal: list[str] = []
+        self._calls: list[ToolCallRecord] = []
+        self._output: Any = None
+        self._usage: UsageRecord | None = None
+
+    def add(self, event: AnyEvent) -> None:
+        """Take one event into account."""
+        match event:
+            case TextDelta(delta=delta):
+                self._text.append(delta)
+            case ReasoningDelta(delta=delta):
+                self._reasoning.append(delta)
+            case RefusalDelta(delta=delta):
+                self._refusal.append(delta)
+            case OutputDone(output=output):
+                self._output = output
+            case ToolCallDone():
+                self._calls.append(ToolCallRecord(id=event.call_id, name=event.name, arguments=event.arguments))
+            case ToolResult():
+                self._close_tool_turn()
+                self._done.append(
+                    Message(
+                        id=uuid.uuid4().hex,
+                        chat_id=self.chat_id,
+                        role="tool",
+                        content=event.output,
+                        tool_call_id=event.call_id,
+                        name=event.name,
+                        is_error=event.is_error,
+                        run_id=self.run_id,
+                        created_at=time.time(),
+                    )
+                )
+            case Usage():
+                self._usage = UsageRecord(event.prompt_tokens, event.completion_tokens, event.total_tokens)
+            case _:
+                pass
+
+    def _close_tool_turn(self) -> None:
+        """The first result of a turn: the assistant message that asked for the tools goes first."""
+        if not self._calls:
+            return
+        self._done.append(self._assistant(uuid.uuid4().hex, "completed", "tool_calls", tool_calls=self._calls))
+        self._calls = []
+
+    def _assistant(self, message_id: str, status: MessageStatus, finish_reason: str | None, **extra: Any) -> Message:
+        message = Message(
+            id=message_id,
+            chat_id=self.chat_id,
+            role="assistant",
+            content="".join(self._text) or None,
+            reasoning="".join(self._reasoning) or None,
+            refusal="".join(self._refusal) or None,
+            finish_reason=finish_reason,
+            status=status,
+            run_id=self.run_id,
+            created_at=time.time(),
+            **extra,
+        )
+        self._text, self._reasoning, self._refusal = [], [], []
+        return message
+
+    def messages(self, status: MessageStatus, finish_reason: str | None) -> list[Message]:
+        """Everything to store for this run, ending with the final assistant message."""
+        final = self._assistant(
+            self.message_id,
+            status,
+            finish_reason,
+            tool_calls=self._calls or None,
+            output=self._output,
+            usage=self._usage,
+        )
+        return [*self._done, final]
+
+
+def openai_history(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:
+    """Stored messages as the OpenAI ``messages`` list sent to the model."""
+    history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for message in messages:
+        match message.role:
+            case "user" | "system":
+                history.append({"role": message.role, "content": message.content})
+            case "tool":
+                history.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content})
+            case "assistant":
+                entry: dict[str, Any] = {"role": "assistant", "content": message.content}
+                if message.tool_calls and message.status == "completed":
+                    entry["tool_calls"] = [openai_tool_call(c.id, c.name, c.arguments) for c in message.tool_calls]
+                elif not message.content:
+                    continue  # an interrupted turn with nothing said adds nothing for the model
+                history.append(entry)
+    return history

@@ -1,0 +1,130 @@
+"""Settings: one frozen Struct, read from ``SERVICE_*`` environment variables, validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal, Self
+
+import msgspec
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every knob of the service. Each field is ``SERVICE_<NAME>`` in the environment."""
+
+    host: str = "127.0.0.1"
+    """Address ``python -m service`` binds to."""
+    port: int = msgspec.field(default=8000)
+    """Port ``python -m service`` binds to (0 picks a free one)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    database_url: str = "sqlite+aiosqlite:///service.db"
+    """Chat store URL; a ``postgresql+asyncpg://`` URL switches to PostgreSQL."""
+    redis_url: str | None = None
+    """Redis URL for the run backend; unset keeps runs in this process's memory."""
+    redis_prefix: str = "chat"
+    """Prefix of every Redis key this service writes."""
+
+    default_model: str = "demo"
+    """Model used when a chat or run names none."""
+    openai_base_url: str | None = None
+    """An OpenAI-compatible upstream, exposed as provider ``openai``."""
+    openai_api_key: str | None = None
+    providers: str | None = None
+    """Path of a JSON or TOML file listing upstream providers."""
+    upstream_timeout_s: float = 60.0
+    """Read timeout for upstream requests (the SDK's ``timeout``)."""
+    upstream_max_retries: int = 2
+    """Retries the SDK makes before a stream starts."""
+    demo_token_delay_ms: float = 15.0
+    """Pause between the demo model's chunks, so the demo looks like streaming."""
+
+    run_retention_s: float = 600.0
+    """How long a finished run's events stay resumable."""
+    max_events_per_run: int = 50_000
+    """Events kept per run log; older ones are dropped past it."""
+    shutdown_grace_s: float = 10.0
+    """On shutdown, how long running runs may finish before they are cancelled."""
+
+    sse_ping_s: float = 15.0
+    """Heartbeat comment interval on idle SSE streams."""
+    sse_retry_ms: int = 3000
+    """``retry:`` sent to EventSource clients."""
+    sse_send_timeout_s: float = 30.0
+    """A client that accepts no data for this long is disconnected."""
+
+    ws_max_frame_bytes: int = 262_144
+    """A WebSocket frame larger than this gets an ``error`` frame (the transport closes past 1 MiB)."""
+    ws_frames_per_s: float = 50.0
+    """Sustained client frames per second per socket."""
+    ws_frame_burst: int = 100
+    """Frames a socket may send at once before the rate applies; past it the socket closes with 1008."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins allowed to open the WebSocket, besides the service's own."""
+
+    max_message_chars: int = 100_000
+    """Longest user message accepted."""
+    max_tool_rounds: int = 8
+    """Model turns with tool calls allowed in one run."""
+    tool_timeout_s: float = 30.0
+    """Time limit for one tool call."""
+    tool_max_output_chars: int = 20_000
+    """A tool result longer than this is an error result."""
+    mcp_servers: str | None = None
+    """Path of a JSON file naming the MCP servers this service may use (the allow-list)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        """Read ``SERVICE_*`` variables; a misspelt name or a bad value raises ``SettingsError``."""
+        env = os.environ if env is None else env
+        raw: dict[str, object] = {}
+        for key, value in env.items():
+            if not key.startswith("SERVICE_") or key.startswith("SERVICE_TEST_"):
+                continue
+            name = key.removeprefix("SERVICE_").lower()
+            if name not in cls.__struct_fields__:
+                raise SettingsError(f"unknown setting {key} (see service/settings.py for the names)")
+            raw[name] = [v.strip() for v in value.split(",") if v.strip()] if name == "allowed_origins" else value
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"invalid setting: {_env_name(str(exc))}") from exc
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject values that type-check but make no sense."""
+        positive = (
+            "upstream_timeout_s",
+            "run_retention_s",
+            "max_events_per_run",
+            "sse_ping_s",
+            "sse_send_timeout_s",
+            "ws_max_frame_bytes",
+            "ws_frames_per_s",
+            "ws_frame_burst",
+            "max_message_chars",
+            "max_tool_rounds",
+            "tool_timeout_s",
+            "tool_max_output_chars",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"invalid setting: SERVICE_{name.upper()} must be > 0")
+        if not 1000 <= self.sse_retry_ms <= 60_000:
+            raise SettingsError("invalid setting: SERVICE_SSE_RETRY_MS must be within 1000..60000")
+        if self.upstream_max_retries < 0 or self.demo_token_delay_ms < 0 or self.shutdown_grace_s < 0:
+            raise SettingsError("invalid setting: retries, delays and grace periods cannot be negative")
+
+
+def _env_name(message: str) -> str:
+    """Rewrite msgspec's ``- at `$.port``` to name the environment variable."""
+    head, sep, path = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    field = path.rstrip("`").split(".")[0].split("[")[0]
+    return f"SERVICE_{field.upper()}: {head}"

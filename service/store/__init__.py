@@ -1,0 +1,1 @@
+"""The chat store: chats and messages."""

@@ -1,0 +1,151 @@
+"""Clients generated from the committed openapi/openapi.json drive the live service (Python and TypeScript).
+
+The generated code is not committed: the Python client goes to a temporary directory, the TypeScript one to
+tests/e2e/generated/ts/ (git-ignored), with node_modules kept in tests/e2e/ts_client/ between runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.live_server import REPO_ROOT, ServiceProcess
+
+SPEC = REPO_ROOT / "openapi" / "openapi.json"
+TS_DIR = REPO_ROOT / "tests" / "e2e" / "ts_client"
+TS_OUT = REPO_ROOT / "tests" / "e2e" / "generated" / "ts"
+PACKAGE = "chat_service_client"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    db = tmp_path_factory.mktemp("clients") / "chat.db"
+    service = ServiceProcess({"SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{db}", "SERVICE_DEMO_TOKEN_DELAY_MS": "20"})
+    asyncio.run(service.start())
+    try:
+        yield service.url
+    finally:
+        asyncio.run(service.stop())
+        service.log_path.unlink(missing_ok=True)
+
+
+def _run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(  # noqa: S603 - fixed commands
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    )
+    return result.stdout
+
+
+# --------------------------------------------------------------------------- Python
+
+
+@pytest.fixture(scope="module")
+def python_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp("pyclient")
+    generator = [sys.executable, "-m", "openapi_python_client"]
+    _run([*generator, "generate", "--path", str(SPEC), "--output-path", str(out / PACKAGE), "--meta", "none"], out, 120)
+    sys.path.insert(0, str(out))
+    try:
+        yield importlib.import_module(PACKAGE)
+    finally:
+        sys.path.remove(str(out))
+        for name in [m for m in sys.modules if m == PACKAGE or m.startswith(f"{PACKAGE}.")]:
+            del sys.modules[name]
+
+
+def test_python_client_drives_a_run(python_client: Any, live_url: str) -> None:
+    api = importlib.import_module(f"{PACKAGE}.api")
+    chats = importlib.import_module(f"{PACKAGE}.api.chats")
+    runs = importlib.import_module(f"{PACKAGE}.api.runs")
+    models = importlib.import_module(f"{PACKAGE}.models")
+    assert api is not None
+    for name in ("create_chat", "create_run", "get_chat"):
+        importlib.import_module(f"{PACKAGE}.api.chats.{name}")
+    for name in ("get_run", "cancel_run"):
+        importlib.import_module(f"{PACKAGE}.api.runs.{name}")
+
+    with python_client.Client(base_url=live_url, raise_on_unexpected_status=True, timeout=None) as client:
+        chat = chats.create_chat.sync_detailed(client=client, body=models.ChatCreate(model="demo"))
+        assert chat.status_code == 201, chat.content
+        assert isinstance(chat.parsed, models.ChatOut)
+        chat_id = chat.parsed.id
+
+        started = chats.create_run.sync_detailed(
+            chat_id, client=client, body=models.RunCreate(message="Hello from the generated Python client")
+        )
+        assert started.status_code == 202, started.content
+        run = started.parsed
+        assert isinstance(run, models.RunOut)
+        assert run.events_url == f"/v1/runs/{run.id}/events"
+
+        deadline = time.monotonic() + 30
+        while True:
+            status = runs.get_run.sync(run.id, client=client)
+            assert isinstance(status, models.RunOut)
+            if status.status.value != "running":
+                break
+            assert time.monotonic() < deadline, "the run did not finish in 30 s"
+            time.sleep(0.05)
+        assert status.status.value == "completed"
+        assert status.last_seq > 0
+
+        for _ in range(2):  # cancel is idempotent: a finished run is returned unchanged
+            cancelled = runs.cancel_run.sync_detailed(run.id, client=client)
+            assert cancelled.status_code == 200, cancelled.content
+            assert isinstance(cancelled.parsed, models.RunOut)
+            assert cancelled.parsed.status.value == "completed"
+
+        fetched = chats.get_chat.sync(chat_id, client=client)
+        assert isinstance(fetched, models.ChatOut)
+        messages = fetched.messages
+        assert isinstance(messages, list)
+        assert [m.role.value for m in messages] == ["user", "assistant"]
+
+        missing = chats.get_chat.sync_detailed("no-such-chat", client=client)
+        assert missing.status_code == 404
+        assert isinstance(missing.parsed, models.ErrorEnvelope)
+        assert missing.parsed.error.code == "not_found"
+
+
+# --------------------------------------------------------------------------- TypeScript
+
+
+def _node_tools() -> tuple[str, str]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        reason = "node and npm are needed for the TypeScript client test"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI requires them", pytrace=False)
+        pytest.skip(reason)
+    return node, npm
+
+
+def test_typescript_client_streams_and_resumes(live_url: str) -> None:
+    _, npm = _node_tools()
+    lock = TS_DIR / "package-lock.json"
+    stamp = TS_DIR / "node_modules" / ".package-lock.json"
+    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+        _run([npm, "ci", "--no-audit", "--no-fund"], TS_DIR, 240)
+    shutil.rmtree(TS_OUT, ignore_errors=True)
+    openapi_ts = str(TS_DIR / "node_modules" / ".bin" / "openapi-ts")
+    _run([openapi_ts, "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
+    assert (TS_OUT / "sdk.gen.ts").exists()
+    tsx = str(TS_DIR / "node_modules" / ".bin" / "tsx")
+    output = _run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url})
+    assert output.startswith("OK:"), output
+    print(output)
