@@ -6,6 +6,7 @@ Run it with ``python -m service`` or ``uvicorn service.app:create_app --factory`
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await store.start()
         await tools.start()
         await runs.start()
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -61,7 +62,8 @@ class _EventStream(EventSourceResponse):
     _blocked_since: float | None = None
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        self._blocked_since = asyncio.get_running_loop().time()
+        # time.monotonic, not loop.time(): asyncio.get_running_loop() is a getpid() system call.
+        self._blocked_since = time.monotonic()
         await send(message)
         self._blocked_since = None
 
@@ -75,7 +77,7 @@ class _EventStream(EventSourceResponse):
         def watch() -> None:
             nonlocal timed_out, watchdog
             since = self._blocked_since
-            if since is not None and loop.time() - since >= timeout:
+            if since is not None and time.monotonic() - since >= timeout:
                 timed_out = True
                 task.cancel()
             else:

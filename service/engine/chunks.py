@@ -8,7 +8,6 @@ OpenAI-compatible server's extras pass through harmlessly.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -76,28 +75,47 @@ def decode_chunk(data: bytes) -> Chunk | object:
     return _chunk_decoder.decode(data)
 
 
-async def iter_sse_data(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield the ``data`` of each SSE event in a byte stream (WHATWG rules: any line ending, multi-line data)."""
-    buffer = b""
-    data: list[bytes] = []
-    async for piece in byte_chunks:
-        buffer += piece
+class SseDataDecoder:
+    """The ``data`` of each SSE event in a byte stream, fed piece by piece.
+
+    WHATWG rules: any line ending, multi-line data. A plain class, not an async generator: one
+    layer fewer on the path of every token.
+    """
+
+    __slots__ = ("_buffer", "_data")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The data of the events that ``piece`` completes."""
+        buffer = self._buffer + piece
         if b"\r" in buffer:
             if buffer.endswith(b"\r"):  # a CRLF may be split across reads
-                continue
+                self._buffer = buffer
+                return []
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, buffer = buffer.split(b"\n")
+        *lines, self._buffer = buffer.split(b"\n")
+        out: list[bytes] = []
+        data = self._data
         for line in lines:
             if not line:
                 if data:
-                    yield b"\n".join(data)
-                    data = []
+                    out.append(b"\n".join(data))
+                    data.clear()
             elif line.startswith(b"data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(b" ") else value)
             # other fields (event, id, retry) and comments carry nothing for chat completions
-    if buffer.startswith(b"data:"):
-        value = buffer[5:]
-        data.append(value[1:] if value.startswith(b" ") else value)
-    if data:
-        yield b"\n".join(data)
+        return out
+
+    def close(self) -> list[bytes]:
+        """The data of an event left unterminated when the stream ended."""
+        line, self._buffer = self._buffer, b""
+        if line.startswith(b"data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+        out = [b"\n".join(self._data)] if self._data else []
+        self._data = []
+        return out

@@ -12,7 +12,7 @@ from typing import Any, cast
 import jsonschema
 import msgspec
 
-from service.engine.chunks import Chunk, ChunkUsage, ToolCallChunk
+from service.engine.chunks import DONE, Chunk, ChunkUsage, ToolCallChunk, decode_chunk
 from service.engine.partial_json import PartialJson
 from service.events import (
     AnyEvent,
@@ -77,6 +77,18 @@ class TurnState:
         self.tool_calls: dict[int, PendingToolCall] = {}
         self.finish_reason: str | None = None
         self.usage: ChunkUsage | None = None
+        self.done = False
+        """The upstream sent ``[DONE]``."""
+
+    def handle_data(self, data: bytes) -> list[AnyEvent]:
+        """The events of one SSE ``data`` payload; ``[DONE]`` sets ``done`` (later data is ignored)."""
+        if self.done:
+            return []
+        chunk = decode_chunk(data)
+        if chunk is DONE:
+            self.done = True
+            return []
+        return self.handle(cast("Chunk", chunk))
 
     def handle(self, chunk: Chunk) -> list[AnyEvent]:
         """The events one chunk produces."""
@@ -134,7 +146,13 @@ class TurnState:
             )
 
     def finish(self) -> list[AnyEvent]:
-        """The closing events of the turn. Raises ``InvalidOutputError`` for bad structured output."""
+        """The closing events of the turn.
+
+        Raises ``UpstreamStreamEndedError`` when the stream ended without a finish reason and
+        ``InvalidOutputError`` for bad structured output.
+        """
+        if self.finish_reason is None:
+            raise UpstreamStreamEndedError("the upstream stream ended before the completion finished")
         events: list[AnyEvent] = []
         if self.text:
             events.append(TextDone(run_id=self.run_id, text="".join(self.text)))

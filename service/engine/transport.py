@@ -40,6 +40,9 @@ from typing import cast
 import httptools
 import httpx2
 
+READ_BODY = "service.read_body"
+"""Response extension: the connection's ``read()``, for readers that skip httpx2's stream layers."""
+
 _MAX_BUFFERED = 1 << 20
 """Body bytes buffered unread before reading from the socket pauses (the consumer is slow)."""
 
@@ -296,7 +299,7 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
             status,
             headers=headers,
             stream=_ResponseStream(self, connection),
-            extensions={"http_version": b"HTTP/1.1"},
+            extensions={"http_version": b"HTTP/1.1", READ_BODY: connection.read},
         )
 
     def _idle_connection(self, origin: tuple[str, str, int]) -> _Connection | None:

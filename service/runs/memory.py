@@ -32,9 +32,10 @@ _TOMBSTONES = 100_000
 
 
 class _Run:
-    __slots__ = ("events", "first_seq", "idempotency_key", "readers", "record", "waiters")
+    __slots__ = ("events", "first_seq", "idempotency_key", "loop", "readers", "record", "waiters")
 
     def __init__(self, record: RunRecord, idempotency_key: str | None) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: each get_running_loop() is a getpid() system call
         self.record = record
         self.events: list[AnyEvent] = []
         self.first_seq = 1  # seq of events[0]
@@ -51,7 +52,7 @@ class _Run:
         self.waiters.clear()
 
     async def next_change(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.waiters.append(waiter)
         try:
             await waiter

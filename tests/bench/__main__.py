@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one target process per target and transport for all scenarios (default: on with --quick)",
     )
     p.add_argument("--max-minutes", type=float, default=10.0, help="skip the remaining runs after this")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each target with py-spy during the streaming window (py-spy on PATH; CPU figures then "
+        "include its interruptions); folded stacks and a self-time summary go next to the logs",
+    )
     return p.parse_args(argv)
 
 
@@ -75,7 +81,13 @@ async def main_async(args: argparse.Namespace) -> int:
     transports: list[Transport] = [t for t in ("sse", "ws") if t in _names(args.transports, {"sse", "ws"})]
     deadline = time.monotonic() + args.max_minutes * 60
     proc, port = await start_upstream(args.load_cpu)
-    ctx = Context(upstream_port=port, target_cpu=args.target_cpu, load_cpu=args.load_cpu, clients=args.clients)
+    ctx = Context(
+        upstream_port=port,
+        target_cpu=args.target_cpu,
+        load_cpu=args.load_cpu,
+        clients=args.clients,
+        profile=args.profile,
+    )
     all_targets = targets(f"http://127.0.0.1:{port}/v1")
     skip: dict[str, str] = {}
     if why := service_available(ROOT):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class Context:
     load_cpu: int = 0
     clients: int = 1
     logs: Path = ROOT / "bench-results" / "logs"
+    profile: bool = False
 
 
 class Client:
@@ -167,10 +170,11 @@ async def _measure(
         sampler = asyncio.create_task(_sample_rss(server.pid, sampled))
         cpu0, core0, t0 = read_cpu(server.pid), core_busy_s(ctx.target_cpu), time.monotonic()
         load0 = core_busy_s(ctx.load_cpu)
-        for c in clients:
-            c.send("GO2")
-        limit = scenario.timeout_s * scenario.rounds + 30
-        raw = [await c.expect("RESULT", limit) for c in clients]
+        async with profiled(ctx, server.pid, tag):
+            for c in clients:
+                c.send("GO2")
+            limit = scenario.timeout_s * scenario.rounds + 30
+            raw = [await c.expect("RESULT", limit) for c in clients]
         phases.append(time.monotonic())
         await asyncio.sleep(0.3)
         cpu1, core1, t1 = read_cpu(server.pid), core_busy_s(ctx.target_cpu), time.monotonic()
@@ -197,6 +201,57 @@ async def _measure(
     if warm_errors:
         row["warmup_errors"] = warm_errors
     return row
+
+
+@asynccontextmanager
+async def profiled(ctx: Context, pid: int, tag: str) -> AsyncIterator[None]:
+    """With ``ctx.profile``: py-spy samples ``pid`` for the block; writes ``<tag>.folded`` and ``<tag>.top.txt``."""
+    if not ctx.profile:
+        yield
+        return
+    folded = ctx.logs / f"{tag}.folded"
+    argv = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw"]
+    proc = await asyncio.create_subprocess_exec(
+        *pinned(ctx.load_cpu, [*argv, "--output", str(folded)]),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(0.5)  # py-spy attaches
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        await proc.wait()
+    if folded.exists():
+        (ctx.logs / f"{tag}.top.txt").write_text(profile_summary(folded.read_text()))
+
+
+def profile_summary(folded: str, top: int = 45) -> str:
+    """Self and inclusive share of the event loop thread's samples per function (py-spy folded stacks).
+
+    Only stacks through ``Runner.run`` (uvicorn's loop) count: the store's worker threads are idle
+    almost always, and py-spy's native mode cannot tell idle from busy.
+    """
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "Runner.run" not in stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")") for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    samples = max(samples, 1)
+    lines = [f"{samples} samples of the event loop thread", "", "self %  function"]
+    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in own.most_common(top)]
+    lines += ["", "incl %  function"]
+    lines += [f"{n / samples * 100:6.1f}  {f}" for f, n in total.most_common(top * 2)]
+    return "\n".join(lines) + "\n"
 
 
 @asynccontextmanager
