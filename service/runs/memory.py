@@ -123,7 +123,11 @@ class MemoryRunBackend(RunBackend):
         return record, True
 
     async def get_run(self, run_id: str) -> RunRecord:  # noqa: D102
-        return self._get(run_id).record
+        run = self._get(run_id)
+        if run.record.finished_at is not None:
+            return run.record
+        # A running run's record is not rebuilt for every event: its last seq is read here.
+        return msgspec.structs.replace(run.record, last_seq=run.first_seq + len(run.events) - 1)
 
     async def active_run(self, chat_id: str) -> str | None:  # noqa: D102
         return self._active.get(chat_id)
@@ -141,8 +145,6 @@ class MemoryRunBackend(RunBackend):
             run.first_seq += drop
         if is_terminal(event):
             self._finish(run, event)
-        else:
-            run.record = msgspec.structs.replace(run.record, last_seq=seq)
         run.wake()
         return event
 

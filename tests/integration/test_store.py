@@ -284,6 +284,59 @@ async def test_append_to_an_unknown_chat_raises_lookup_error(store: SqlChatStore
     assert await store.list_messages("ghost") == []
 
 
+async def test_a_failing_write_among_concurrent_ones_fails_alone(store: SqlChatStore) -> None:
+    """SQLite commits concurrent writes together: one write's failure must not touch the others."""
+    for i in range(10):
+        await store.create_chat(chat(f"c{i}"))
+    await store.append_messages("c0", [Message(id="taken", chat_id="c0", role="user", content="first")])
+
+    outcomes = await asyncio.gather(
+        *(store.append_messages(f"c{i}", [message(f"c{i}", f"m{i}")]) for i in range(10)),
+        store.append_messages("ghost", [message("ghost")]),
+        store.append_and_list("c1", [message("c1", "x"), Message(id="taken", chat_id="c1", role="user")]),
+        return_exceptions=True,
+    )
+
+    assert outcomes[:10] == [None] * 10
+    assert isinstance(outcomes[10], LookupError)
+    assert isinstance(outcomes[11], ValueError)
+    assert "conflict" in str(outcomes[11])
+    assert [m.content for m in await store.list_messages("c0")] == ["first", "m0"]
+    assert [m.content for m in await store.list_messages("c1")] == ["m1"]
+    assert await store.list_messages("ghost") == []
+
+
+async def test_cancelled_sqlite_writers_do_not_strand_the_writes_they_carry(tmp_path: Path) -> None:
+    """A writer that commits a group for others and is cancelled still settles every write in it."""
+    path = tmp_path / "chats.db"
+    store = SqlChatStore(f"sqlite+aiosqlite:///{path}")
+    await store.start()
+    for i in range(20):
+        await store.create_chat(chat(f"c{i}"))
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process's write: every group now waits on busy_timeout
+    try:
+        tasks = [asyncio.create_task(store.append_messages(f"c{i}", [message(f"c{i}", f"m{i}")])) for i in range(20)]
+        await asyncio.sleep(0.2)  # writer 0 commits its own write, writers 1-19 queue behind it
+        tasks[0].cancel()
+        await asyncio.sleep(0.2)  # writer 1 now commits 1-19 on their behalf
+        tasks[1].cancel()
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in tasks[2:])
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    async with asyncio.timeout(10):
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert [type(o) for o in outcomes[:2]] == [asyncio.CancelledError, asyncio.CancelledError]
+    assert outcomes[2:] == [None] * 18
+    for i in range(20):  # the cancelled callers' writes were under way: they committed too
+        assert [m.content for m in await store.list_messages(f"c{i}")] == [f"m{i}"]
+    await store.close()
+
+
 async def test_every_message_field_round_trips(store: SqlChatStore) -> None:
     await store.create_chat(chat("c"))
     sent = [
