@@ -139,6 +139,10 @@ class RunManager:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
             await self.backend.append(record.id, failed)
             raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
+        except LookupError as exc:  # the chat was deleted since it was read
+            failed = RunFailed(run_id=record.id, error=ErrorInfo("not_found", "the chat was deleted"))
+            await self.backend.append(record.id, failed)
+            raise errors.NotFoundError(f"no chat {chat.id!r}", detail={"chat_id": chat.id}) from exc
         request = RunRequest(
             run_id=record.id,
             chat_id=chat.id,

@@ -29,6 +29,7 @@ async def test_sigterm_lets_short_runs_finish_and_cancels_long_ones_after_the_gr
         async with ServiceProcess(env) as service, httpx.AsyncClient(base_url=service.url, timeout=20) as client:
             chats = [(await client.post("/v1/chats", json={"model": MODEL})).json()["id"] for _ in range(2)]
             short = (await client.post(f"/v1/chats/{chats[0]}/runs", json={"message": "short"})).json()
+            await upstream.wait_for_requests(1)  # the scripts are served in request order
             long = (await client.post(f"/v1/chats/{chats[1]}/runs", json={"message": "long"})).json()
             long_request = (await upstream.wait_for_requests(2))[1]
             while (await client.get(f"/v1/runs/{long['id']}")).json()["last_seq"] < 2:
