@@ -82,19 +82,22 @@ class SseDataDecoder:
     layer fewer on the path of every token.
     """
 
-    __slots__ = ("_buffer", "_data")
+    __slots__ = ("_buffer", "_data", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._data: list[bytes] = []
+        self._skip_lf = False  # the last piece ended with CR: a LF starting the next one ends no line
 
     def feed(self, piece: bytes) -> list[bytes]:
         """The data of the events that ``piece`` completes."""
+        if self._skip_lf and piece.startswith(b"\n"):
+            piece = piece[1:]
+        if not piece:
+            return []
+        self._skip_lf = piece.endswith(b"\r")
         buffer = self._buffer + piece
         if b"\r" in buffer:
-            if buffer.endswith(b"\r"):  # a CRLF may be split across reads
-                self._buffer = buffer
-                return []
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, self._buffer = buffer.split(b"\n")
         out: list[bytes] = []
@@ -111,11 +114,7 @@ class SseDataDecoder:
         return out
 
     def close(self) -> list[bytes]:
-        """The data of an event left unterminated when the stream ended."""
-        line, self._buffer = self._buffer, b""
-        if line.startswith(b"data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
-        out = [b"\n".join(self._data)] if self._data else []
-        self._data = []
+        """The data of an event left unterminated when the stream ended (a lenient reading)."""
+        out = self.feed(b"\n\n")
+        self._buffer, self._data = b"", []
         return out
