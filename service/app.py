@@ -31,6 +31,7 @@ from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
 from service.errors import EXCEPTION_HANDLERS
+from service.metrics import SKIP_HTTP_METRICS
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
 from service.runs.manager import RunManager
@@ -119,7 +120,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         state=State({"settings": settings, "providers": providers, "store": store, "tools": tools, "runs": runs}),
-        middleware=[PrometheusConfig(app_name="chat_service", group_path=True).middleware],
+        middleware=[
+            PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware
+        ],
         cors_config=CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None,
         openapi_config=OpenAPIConfig(
             title="Chat service",

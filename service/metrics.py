@@ -17,3 +17,6 @@ TIME_TO_FIRST_EVENT = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
 )
 OPEN_STREAMS = Gauge("chat_service_open_streams", "Open event streams, by transport", ["transport"])
+
+SKIP_HTTP_METRICS = "skip_http_metrics"
+"""Route handler ``opt`` key: keep the route out of Litestar's Prometheus HTTP request metrics."""

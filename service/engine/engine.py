@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import httpx2
 import msgspec
 import openai
 
@@ -125,23 +126,31 @@ class ChatEngine:
         yield RunFailed(run_id=run_id, error=error, message_id=request.message_id)
 
     @staticmethod
-    def _completion(
+    @asynccontextmanager
+    async def _completion(
         client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], request: RunRequest
-    ) -> AbstractAsyncContextManager[openai.AsyncAPIResponse[Any]]:
-        """The SDK's streamed chat completion request for one turn, as a raw response."""
-        body: dict[str, Any] = {"messages": messages, "stream_options": {"include_usage": True}, **request.extra}
+    ) -> AsyncGenerator[httpx2.Response]:
+        """The turn's streamed chat completion, as the SDK's raw, unread HTTP response."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **request.extra,
+        }
         if request.response_format:
             body["response_format"] = request.response_format
         if request.toolbox is not None and (tools := request.toolbox.openai_tools()):
             body["tools"] = tools
-        create = cast(
-            "Callable[..., AbstractAsyncContextManager[openai.AsyncAPIResponse[Any]]]",
-            client.chat.completions.with_streaming_response.create,
-        )
-        # The body is plain JSON already (history from the store), so it goes in ``extra_body``,
-        # which the SDK merges over its own fields: its per-field TypedDict transform of
-        # ``messages`` costs about 120 µs per message, every turn, and has nothing to do here.
-        return create(model=model, messages=[], stream=True, extra_body=body)
+        # ``client.post`` is the SDK's documented way to send a request body of one's own: it builds,
+        # authenticates, retries and maps errors exactly as ``chat.completions.create`` does, without
+        # the typed wrapper's per-field transform of the params (``messages`` cost about 120 µs per
+        # message of history, every turn) for a body that is plain JSON already.
+        response = await client.post("/chat/completions", cast_to=httpx2.Response, body=body, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _run_tools(self, request: RunRequest, calls: Sequence[ToolCallDone]) -> list[ToolResult]:
         """Run the turn's tool calls concurrently; results come back in call order."""
@@ -166,19 +175,18 @@ class ChatEngine:
         return list(await asyncio.gather(*(one(call) for call in calls)))
 
 
-def _body_reader(response: openai.AsyncAPIResponse[Any]) -> Callable[[], Awaitable[bytes | None]]:
+def _body_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes | None]]:
     """A function returning the body bytes that arrived since its last call, or None at the end.
 
     ``UpstreamTransport`` hands out its connection's own reader: httpx2's ``aiter_raw()`` adds two
-    generator layers to every network read (and ``iter_bytes()`` a decoder and a re-chunker), for
+    generator layers to every network read (and ``aiter_bytes()`` a decoder and a re-chunker), for
     nothing when the body is not compressed. Otherwise (httpx2's transport, a compressed body),
-    the SDK's decoded byte iterator.
+    httpx2's decoded byte iterator.
     """
-    http = response.http_response
-    read = http.extensions.get(READ_BODY)
-    if read is not None and http.headers.get("content-encoding", "identity") == "identity":
+    read = response.extensions.get(READ_BODY)
+    if read is not None and response.headers.get("content-encoding", "identity") == "identity":
         return cast("Callable[[], Awaitable[bytes | None]]", read)
-    chunks = response.iter_bytes().__aiter__()
+    chunks = response.aiter_bytes().__aiter__()
 
     async def read_next() -> bytes | None:
         return await anext(chunks, None)

@@ -54,3 +54,17 @@ async def test_metrics_count_runs_outcomes_first_tokens_and_open_streams(service
     assert delta("chat_service_run_errors_total{code=rate_limited}", after) == 1
     assert delta("chat_service_time_to_first_token_seconds_count{}", after) == 1
     assert delta("chat_service_run_events_total{}", after) >= 7
+
+
+async def test_websocket_sessions_are_counted_as_streams_not_as_http_requests(service: Service) -> None:
+    service.upstream.enqueue(text("over the socket"), finish())
+    chat = await service.create_chat()
+
+    events = await service.ws_run(chat, "hi")
+
+    assert events[-1]["type"] == "run.completed"
+    samples = await scrape(service)
+    http = {name for name in samples if name.startswith("litestar_requests_total")}
+    assert any("method=POST" in name and "path=/v1/chats" in name for name in http)
+    assert not any("method=websocket" in name for name in http)
+    assert samples["chat_service_open_streams{transport=websocket}"] == 0
