@@ -56,6 +56,7 @@ class ChatController(Controller):
         store: NamedDependency[ChatStore],
         providers: NamedDependency[ProviderRegistry],
         tool_catalog: NamedDependency[ToolCatalog],
+        runs: NamedDependency[RunManager],
     ) -> ChatOut:
         """Create a chat. Its fields become the defaults of its runs."""
         try:
@@ -80,7 +81,9 @@ class ChatController(Controller):
             updated_at=now,
         )
         with _store_errors():
-            return chat_out(await store.create_chat(chat))
+            created = await store.create_chat(chat)
+        runs.remember_chat(created)
+        return chat_out(created)
 
     @get("/", operation_id="ListChats", responses={400: ERRORS[400], 503: ERRORS[503]})
     async def list_chats(
@@ -118,6 +121,7 @@ class ChatController(Controller):
         active = await runs.active_run(chat_id)
         if active is not None:
             raise errors.ChatBusyError("the chat has an active run", detail={"active_run_id": active.id})
+        runs.forget_chat(chat_id)
         with _store_errors():
             if not await store.delete_chat(chat_id):
                 raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})

@@ -5,6 +5,12 @@ seq) and so reaches every subscriber; ``open_events(run_id, after)`` replays
 the log from ``after + 1`` and then follows it live. When a run ends, its
 messages are written to the store once, before the terminal event is
 appended, so a client that sees ``run.completed`` can read the message.
+
+A run starts from its chat's settings (model, system prompt, tools). Chats never
+change once created, so this instance keeps the settings of recent chats
+(``remember_chat``, ``forget_chat`` on delete) and skips a store read per run. A
+chat deleted through another instance is still caught: the user message's append
+finds no chat, and the start answers 404.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +39,8 @@ from service.runs.transcript import Transcript, openai_history
 from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
 
 log = logging.getLogger("service.runs")
+
+_REMEMBERED_CHATS = 10_000
 
 
 def tool_selection_error(exc: ToolError) -> errors.ServiceError:
@@ -78,6 +87,7 @@ class RunManager:
         self.tools = tools
         self._grace = shutdown_grace_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._chats: OrderedDict[str, Chat] = OrderedDict()  # recent chats' settings, least recent first
         self._cancel_reasons: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -101,7 +111,12 @@ class RunManager:
         self, chat_id: str, options: RunOptions, idempotency_key: str | None = None
     ) -> tuple[RunRecord, bool]:
         """Start a run on a chat; returns ``(run, created)`` (an idempotent retry gives ``created=False``)."""
-        chat = await self._chat(chat_id)
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            chat = await self._chat(chat_id)
+            self.remember_chat(chat)
+        else:
+            self._chats.move_to_end(chat_id)
         model = options.model or chat.model
         try:
             model, _, _ = self.engine.providers.resolve(model)
@@ -139,7 +154,8 @@ class RunManager:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
             await self.backend.append(record.id, failed)
             raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
-        except LookupError as exc:  # the chat was deleted since it was read
+        except LookupError as exc:  # the chat was deleted since it was read (here or on another instance)
+            self.forget_chat(chat.id)
             failed = RunFailed(run_id=record.id, error=ErrorInfo("not_found", "the chat was deleted"))
             await self.backend.append(record.id, failed)
             raise errors.NotFoundError(f"no chat {chat.id!r}", detail={"chat_id": chat.id}) from exc
@@ -155,6 +171,17 @@ class RunManager:
         transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id)
         self._tasks[record.id] = asyncio.create_task(self._drive(request, transcript), name=f"run-{record.id}")
         return record, True
+
+    def remember_chat(self, chat: Chat) -> None:
+        """Keep a chat's settings for the start of its runs (see the module docstring)."""
+        self._chats[chat.id] = chat
+        self._chats.move_to_end(chat.id)
+        if len(self._chats) > _REMEMBERED_CHATS:
+            self._chats.popitem(last=False)
+
+    def forget_chat(self, chat_id: str) -> None:
+        """Drop a deleted chat's settings."""
+        self._chats.pop(chat_id, None)
 
     async def _chat(self, chat_id: str) -> Chat:
         try:

@@ -101,6 +101,18 @@ async def test_create_run_with_an_unknown_model_or_chat(service: Service) -> Non
     assert (await service.http.get(f"/v1/chats/{chat}")).json()["messages"] == []
 
 
+async def test_a_deleted_chat_that_ran_before_cannot_start_a_run(service: Service) -> None:
+    service.upstream.enqueue(text("first"), finish())
+    chat = await service.create_chat()
+    await service.stream_run(chat, "one")
+    assert (await service.http.delete(f"/v1/chats/{chat}")).status_code == 204
+
+    again = await service.http.post(f"/v1/chats/{chat}/runs", json={"message": "two"})
+
+    assert (again.status_code, again.json()["error"]["code"]) == (404, "not_found")
+    assert len(service.upstream.requests) == 1
+
+
 async def test_unknown_resources_are_404_in_the_error_shape(service: Service) -> None:
     for method, path in [
         ("GET", "/v1/chats/nope"),

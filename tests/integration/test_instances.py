@@ -198,3 +198,20 @@ async def _upstream_request_for(upstream: ScriptedUpstream, message: str) -> Any
             if request.body["messages"][-1]["content"] == message:
                 return request
         await asyncio.sleep(0.01)
+
+
+async def test_a_chat_deleted_on_a_cannot_start_a_run_on_b_that_ran_it_before(cluster: Cluster) -> None:
+    cluster.upstream.enqueue(text("first"), finish())
+    chat = await cluster.create_chat()
+    first = await cluster.b.post(f"/v1/chats/{chat}/runs", json={"message": "one"})
+    assert first.status_code == 202  # B now keeps the chat's settings
+    while (await cluster.b.get(f"/v1/chats/{chat}/active-run")).json() is not None:
+        await asyncio.sleep(0.02)
+
+    assert (await cluster.a.delete(f"/v1/chats/{chat}")).status_code == 204
+    again = await cluster.b.post(f"/v1/chats/{chat}/runs", json={"message": "two"})
+
+    assert again.status_code == 404
+    assert again.json()["error"]["code"] == "not_found"
+    assert (await cluster.b.get(f"/v1/chats/{chat}")).status_code == 404
+    assert (await cluster.a.get(f"/v1/chats/{chat}")).status_code == 404
