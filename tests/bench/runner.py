@@ -230,8 +230,9 @@ async def profiled(ctx: Context, pid: int, tag: str) -> AsyncIterator[None]:
 def profile_summary(folded: str, top: int = 45) -> str:
     """Self and inclusive share of the event loop thread's samples per function (py-spy folded stacks).
 
-    Only stacks through ``Runner.run`` (uvicorn's loop) count: the store's worker threads are idle
-    almost always, and py-spy's native mode cannot tell idle from busy.
+    Only stacks through ``Runner.run`` (uvicorn's loop) count. py-spy sees Python frames only: time in
+    uvloop's C code and in system calls made from it shows as ``Runner.run``'s own; ``perf record``
+    on the same pid splits that part (kernel, interpreter, uvloop).
     """
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
