@@ -115,6 +115,4 @@ class SseDataDecoder:
 
     def close(self) -> list[bytes]:
         """The data of an event left unterminated when the stream ended (a lenient reading)."""
-        out = self.feed(b"\n\n")
-        self._buffer, self._data = b"", []
-        return out
+        return self.feed(b"\n\n")  # a blank line: ends the last line and dispatches what is pending

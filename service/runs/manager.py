@@ -111,12 +111,8 @@ class RunManager:
         self, chat_id: str, options: RunOptions, idempotency_key: str | None = None
     ) -> tuple[RunRecord, bool]:
         """Start a run on a chat; returns ``(run, created)`` (an idempotent retry gives ``created=False``)."""
-        chat = self._chats.get(chat_id)
-        if chat is None:
-            chat = await self._chat(chat_id)
-            self.remember_chat(chat)
-        else:
-            self._chats.move_to_end(chat_id)
+        chat = self._chats.get(chat_id) or await self._chat(chat_id)
+        self.remember_chat(chat)
         model = options.model or chat.model
         try:
             model, _, _ = self.engine.providers.resolve(model)

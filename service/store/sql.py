@@ -269,7 +269,7 @@ class SqlChatStore(ChatStore):
         self._engine: AsyncEngine | Engine | None = None
         memory = self._sqlite and self._url.database in (None, "", ":memory:")
         lock = asyncio.Lock()
-        self._write_lock: AbstractAsyncContextManager[None] = lock if self._sqlite else contextlib.nullcontext()
+        self._write_lock = lock  # SQLite only: PostgreSQL writers run concurrently
         self._read_lock: AbstractAsyncContextManager[None] = lock if memory else contextlib.nullcontext()
         self._memory = memory
         self._threads: ThreadPoolExecutor | None = None
@@ -338,6 +338,10 @@ class SqlChatStore(ChatStore):
             return cast("_R", await outcome)
 
     async def _call(self, work: Callable[[Connection], _R], *, write: bool) -> _R:
+        """Run ``work``: PostgreSQL on a connection, in a transaction for writes.
+
+        SQLite: reads only (its writes are committed in groups by ``_write``), on a worker thread.
+        """
         engine = self._engine
         if engine is None:
             raise RuntimeError("SqlChatStore.start() has not been called")
@@ -349,8 +353,9 @@ class SqlChatStore(ChatStore):
                     async with conn.begin():
                         return await conn.run_sync(work)
             assert self._threads is not None  # noqa: S101 - created with the sync engine in start()
+            assert not write  # noqa: S101 - see the docstring
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._threads, functools.partial(_in_thread, engine, work, write))
+            return await loop.run_in_executor(self._threads, functools.partial(_read_in_thread, engine, work))
 
     async def start(self) -> None:
         """Connect and apply the migrations (safe to call again, and from several processes)."""
@@ -514,13 +519,10 @@ def _settle(outcomes: list[asyncio.Future[Any]], committed: asyncio.Future[list[
             outcome.set_exception(value)
 
 
-def _in_thread(engine: Engine, work: Callable[[Connection], _R], write: bool) -> _R:
-    """One store call on a worker thread (SQLite): a connection, and for writes a transaction."""
+def _read_in_thread(engine: Engine, work: Callable[[Connection], _R]) -> _R:
+    """One SQLite read on a worker thread: a connection, no transaction (reads are single statements)."""
     with engine.connect() as conn:
-        if not write:
-            return work(conn)
-        with conn.execution_options(**{_WRITE: True}).begin():
-            return work(conn)
+        return work(conn)
 
 
 # --- command line ------------------------------------------------------------------------------
