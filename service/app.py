@@ -73,6 +73,24 @@ def _mcp_hub(settings: Settings) -> McpHub | None:
     return McpHub(load_mcp_config(settings.mcp_servers))
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Young collections every 50k allocations (CPython's default: 700); full ones a hundredth as often."""
+
+
+def tune_gc() -> None:
+    """Freeze what start-up loaded out of the cyclic GC and collect young objects less often.
+
+    A streaming service allocates a few tracked objects per event and holds thousands of live
+    streams; with CPython's default thresholds, collections took 11-15 % of the CPU in the bench's
+    scenario (iii) and each full one paused the loop 80-150 ms (the inter-event gap p99 was
+    150-230 ms; with these thresholds 65-70 ms). Most garbage here is freed by reference counting;
+    the cycles left (tasks, exceptions with tracebacks) wait a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service from ``settings`` (default: read from the environment)."""
     settings = settings or Settings.from_env()
@@ -94,8 +112,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await store.start()
         await tools.start()
         await runs.start()
-        gc.collect()
-        gc.freeze()
+        tune_gc()
         try:
             yield
         finally:

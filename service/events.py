@@ -28,7 +28,7 @@ ErrorCode = Literal[
 ]
 
 
-class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
+class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True, gc=False):
     """Base of every event: the run it belongs to and its position in the run's log."""
 
     run_id: str
@@ -144,7 +144,7 @@ class RunCancelled(Event, tag="run.cancelled", frozen=True):
     message_id: str | None = None
 
 
-class ErrorInfo(msgspec.Struct, frozen=True):
+class ErrorInfo(msgspec.Struct, frozen=True, gc=False):
     """A typed failure."""
 
     code: ErrorCode

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import Generator
 from typing import Annotated, Any
 
@@ -32,6 +31,7 @@ from service.engine.providers import ProviderRegistry, UnknownModelError
 from service.engine.tools import ToolCatalog, ToolError
 from service.errors import ErrorEnvelope
 from service.events import AnyEvent
+from service.ids import new_id
 from service.runs.manager import RunManager, tool_selection_error
 from service.settings import Settings
 from service.store.base import Chat, ChatStore, StoreUnavailableError
@@ -71,7 +71,7 @@ class ChatController(Controller):
             raise tool_selection_error(exc) from exc
         now = time.time()
         chat = Chat(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             model=model,
             system=data.system,
             tools=data.tools,

@@ -13,14 +13,14 @@ from typing import Any
 import msgspec
 
 
-class FunctionDelta(msgspec.Struct):
+class FunctionDelta(msgspec.Struct, gc=False):
     """Name and argument fragment of a streamed tool call."""
 
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallChunk(msgspec.Struct):
+class ToolCallChunk(msgspec.Struct, gc=False):
     """One streamed tool-call fragment; ``index`` tells parallel calls apart."""
 
     index: int = 0
@@ -28,7 +28,7 @@ class ToolCallChunk(msgspec.Struct):
     function: FunctionDelta | None = None
 
 
-class Delta(msgspec.Struct):
+class Delta(msgspec.Struct, gc=False):
     """What one chunk adds to the assistant message."""
 
     content: str | None = None
@@ -38,7 +38,7 @@ class Delta(msgspec.Struct):
     tool_calls: list[ToolCallChunk] | None = None
 
 
-class Choice(msgspec.Struct):
+class Choice(msgspec.Struct, gc=False):
     """A chunk's choice (only index 0 is used)."""
 
     index: int = 0
@@ -46,7 +46,7 @@ class Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class ChunkUsage(msgspec.Struct):
+class ChunkUsage(msgspec.Struct, gc=False):
     """Token counts, sent in the last chunk when ``include_usage`` is asked."""
 
     prompt_tokens: int = 0
@@ -54,7 +54,7 @@ class ChunkUsage(msgspec.Struct):
     total_tokens: int = 0
 
 
-class Chunk(msgspec.Struct):
+class Chunk(msgspec.Struct, gc=False):
     """A ``chat.completion.chunk``, or an in-stream error object."""
 
     choices: list[Choice] = msgspec.field(default_factory=list["Choice"])

@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 import httpx2
 import msgspec
 import openai
+from openai import RequestOptions
 
 from service.engine.chunks import ChunkUsage, SseDataDecoder
 from service.engine.providers import ProviderRegistry
@@ -95,7 +96,7 @@ class ChatEngine:
             state = TurnState(run_id, output_schema=output_schema(request.response_format), turn=turn)
             try:
                 # The turn's stream is read here, not in a helper generator: a layer fewer per token.
-                async with self._completion(client, upstream_model, messages, request) as response:
+                async with self._completion(client, upstream_model, messages, request, turn) as response:
                     read, sse = _body_reader(response), SseDataDecoder()
                     while not state.done and (piece := await read()) is not None:
                         for data in sse.feed(piece):
@@ -128,7 +129,7 @@ class ChatEngine:
     @staticmethod
     @asynccontextmanager
     async def _completion(
-        client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], request: RunRequest
+        client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], request: RunRequest, turn: int
     ) -> AsyncGenerator[httpx2.Response]:
         """The turn's streamed chat completion, as the SDK's raw, unread HTTP response."""
         body: dict[str, Any] = {
@@ -145,8 +146,13 @@ class ChatEngine:
         # ``client.post`` is the SDK's documented way to send a request body of one's own: it builds,
         # authenticates, retries and maps errors exactly as ``chat.completions.create`` does, without
         # the typed wrapper's per-field transform of the params (``messages`` cost about 120 µs per
-        # message of history, every turn) for a body that is plain JSON already.
-        response = await client.post("/chat/completions", cast_to=httpx2.Response, body=body, stream=True)
+        # message of history, every turn) for a body that is plain JSON already. The request's
+        # idempotency key (kept across the SDK's retries) is named after the run and turn; left
+        # to the SDK, it would cost a ``uuid4()``, one ``getrandom`` system call, per request.
+        options: RequestOptions = {"idempotency_key": f"{request.run_id}-{turn}"}
+        response = await client.post(
+            "/chat/completions", cast_to=httpx2.Response, body=body, options=options, stream=True
+        )
         try:
             yield response
         finally:

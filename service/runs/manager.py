@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from service.engine.engine import ChatEngine, RunRequest, ToolRunner
 from service.engine.providers import UnknownModelError
 from service.engine.tools import McpUnavailableError, ServerNotAllowedError, ToolError
 from service.events import AnyEvent, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
+from service.ids import new_id
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
 from service.runs.memory import terminal_status
@@ -120,7 +120,7 @@ class RunManager:
             raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc
         toolbox = await self._toolbox(chat, options)
         record = RunRecord(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             chat_id=chat.id,
             model=model,
             on_disconnect=options.on_disconnect,
@@ -135,10 +135,10 @@ class RunManager:
             ) from exc
         if not created:
             return record, False
-        message_id = uuid.uuid4().hex
+        message_id = new_id()
         try:
             user = Message(
-                id=uuid.uuid4().hex,
+                id=new_id(),
                 chat_id=chat.id,
                 role="user",
                 content=options.message,

@@ -9,7 +9,6 @@ completed, was cancelled or failed.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from service.engine.state import openai_tool_call
@@ -23,6 +22,7 @@ from service.events import (
     ToolResult,
     Usage,
 )
+from service.ids import new_id
 from service.store.base import Message, MessageStatus, ToolCallRecord, UsageRecord
 
 
@@ -58,7 +58,7 @@ class Transcript:
                 self._close_tool_turn()
                 self._done.append(
                     Message(
-                        id=uuid.uuid4().hex,
+                        id=new_id(),
                         chat_id=self.chat_id,
                         role="tool",
                         content=event.output,
@@ -78,7 +78,7 @@ class Transcript:
         """The first result of a turn: the assistant message that asked for the tools goes first."""
         if not self._calls:
             return
-        self._done.append(self._assistant(uuid.uuid4().hex, "completed", "tool_calls", tool_calls=self._calls))
+        self._done.append(self._assistant(new_id(), "completed", "tool_calls", tool_calls=self._calls))
         self._calls = []
 
     def _assistant(self, message_id: str, status: MessageStatus, finish_reason: str | None, **extra: Any) -> Message:
