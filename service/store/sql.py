@@ -14,12 +14,13 @@ SQLite specifics, so that many concurrent writers never see "database is locked"
 
 1. Every connection gets ``journal_mode=WAL``, ``busy_timeout``, ``foreign_keys=ON``
    and ``synchronous=NORMAL``.
-2. Writes are serialised inside the process by an ``asyncio.Lock`` and committed in groups:
-   the writes queued while a transaction runs are committed together by the next one, each
-   in a savepoint of its own (``_write``). 200 concurrent appends take a few transactions
-   and thread hops instead of 200. Transactions open with ``BEGIN IMMEDIATE`` so that
-   writers in other processes wait on ``busy_timeout`` instead of failing on a lock
-   upgrade. Reads are single autocommit statements and run concurrently with the writer.
+2. Writes are committed in groups by one writer task: the writes queued while a transaction
+   runs are committed together by the next one (``_write``), each in a savepoint of its own only
+   when one of them fails. 200 concurrent appends take a few transactions and thread hops
+   instead of 200 (about 250 µs of CPU per run's two appends instead of 750). Transactions open
+   with ``BEGIN IMMEDIATE`` so that writers in other processes wait on ``busy_timeout`` instead
+   of failing on a lock upgrade. Reads are single autocommit statements and run concurrently
+   with the writer.
 3. ``:memory:`` uses one shared connection (``StaticPool``), so reads take the lock too.
 4. Each store call is one sync function on a SQLAlchemy ``Connection``. SQLite runs it whole
    in a worker thread on a sync (``pysqlite``) engine: one thread hop per call. (Through
@@ -274,6 +275,7 @@ class SqlChatStore(ChatStore):
         self._memory = memory
         self._threads: ThreadPoolExecutor | None = None
         self._queued: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def _create_engine(self) -> AsyncEngine | Engine:
         options: dict[str, Any] = {
@@ -314,28 +316,42 @@ class SqlChatStore(ChatStore):
     async def _write(self, work: Callable[[Connection], _R]) -> _R:
         """Run ``work`` in a write transaction: committed when it returns, rolled back if it raises.
 
-        SQLite: group commit (module docstring, 2). Each write joins the queue; the writer that
-        gets the lock commits the whole queue in one transaction on one worker thread, each
-        write in a savepoint of its own, and the others find their outcome already settled.
+        SQLite: group commit (module docstring, 2). Each write joins the queue; one writer task
+        commits whatever is queued in one transaction on one worker thread, again and again until
+        the queue is empty. A caller cancelled meanwhile leaves its write in its group.
         """
         if not self._sqlite:
             return await self._call(work, write=True)
+        if self._engine is None:
+            raise RuntimeError("SqlChatStore.start() has not been called")
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((work, outcome))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._commit_queued(), name="chat-store-writer")
+        with _mapped_errors():
+            return cast("_R", await outcome)
+
+    async def _commit_queued(self) -> None:
+        """The writer task of ``_write``: commit the queued writes, a group at a time."""
         engine, threads = self._engine, self._threads
         if not isinstance(engine, Engine) or threads is None:
             raise RuntimeError("SqlChatStore.start() has not been called")
         loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((work, outcome))
-        async with self._write_lock:
-            if self._queued:
+        while self._queued:
+            async with self._write_lock:  # ``:memory:`` reads take it too
                 group, self._queued = self._queued, []
-                committed = loop.run_in_executor(threads, _write_group, engine, [w for w, _ in group])
-                committed.add_done_callback(functools.partial(_settle, [f for _, f in group]))
-                # ``wait`` neither raises the group's failure (each outcome carries it) nor, when
-                # the leader is cancelled, cancels the group: the others' outcomes still settle.
+                outcomes = [f for _, f in group]
+                try:
+                    committed = loop.run_in_executor(threads, _write_group, engine, [w for w, _ in group])
+                except RuntimeError as exc:  # the worker threads are shut down: the store was closed
+                    for outcome in outcomes:
+                        if not outcome.done():
+                            outcome.set_exception(exc)
+                    continue
+                committed.add_done_callback(functools.partial(_settle, outcomes))
+                # ``wait``: the group's failure is in each outcome, and a cancelled writer task
+                # (the store closing) does not cancel the group: its outcomes still settle.
                 await asyncio.wait([committed])
-        with _mapped_errors():
-            return cast("_R", await outcome)
 
     async def _call(self, work: Callable[[Connection], _R], *, write: bool) -> _R:
         """Run ``work``: PostgreSQL on a connection, in a transaction for writes.
@@ -372,7 +388,9 @@ class SqlChatStore(ChatStore):
             raise
 
     async def close(self) -> None:
-        """Release every connection; ``start()`` may be called again afterwards."""
+        """Commit the writes still queued, release every connection; ``start()`` may be called again afterwards."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._engine is not None:
             engine, self._engine = self._engine, None
             if isinstance(engine, AsyncEngine):
@@ -481,26 +499,39 @@ def _append(chat_id: str, messages: list[Message], now: float, conn: Connection)
 
 
 def _write_group(engine: Engine, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
-    """SQLite writes in one transaction; with several, each in a savepoint, so one failing leaves the others.
+    """SQLite writes in one transaction; if one of several fails, again with each in a savepoint.
 
     Returns ``(True, result)`` or ``(False, exception)`` per write; raises when the transaction
-    itself fails (it then failed for all of them).
+    itself fails (it then failed for all of them). Writes rarely fail (a chat deleted meanwhile),
+    so the first try goes without savepoints, two statements fewer per write.
     """
-    outcomes: list[tuple[bool, Any]] = []
-    with engine.connect() as conn, conn.execution_options(**{_WRITE: True}).begin():
-        if len(works) == 1:
-            return [(True, works[0](conn))]
-        for work in works:
-            savepoint = conn.begin_nested()
-            try:
-                result = work(conn)
-            except Exception as exc:
-                savepoint.rollback()
-                outcomes.append((False, exc))
-            else:
-                savepoint.commit()
-                outcomes.append((True, result))
-    return outcomes
+    with engine.connect() as conn:
+        writing = conn.execution_options(**{_WRITE: True})
+        results: list[Any] = []
+        with writing.begin() as transaction:
+            for work in works:
+                try:
+                    results.append(work(conn))
+                except Exception:
+                    if len(works) == 1:
+                        raise
+                    transaction.rollback()
+                    break
+        if len(results) == len(works):
+            return [(True, result) for result in results]
+        outcomes: list[tuple[bool, Any]] = []
+        with writing.begin():
+            for work in works:
+                savepoint = conn.begin_nested()
+                try:
+                    result = work(conn)
+                except Exception as exc:
+                    savepoint.rollback()
+                    outcomes.append((False, exc))
+                else:
+                    savepoint.commit()
+                    outcomes.append((True, result))
+        return outcomes
 
 
 def _settle(outcomes: list[asyncio.Future[Any]], committed: asyncio.Future[list[tuple[bool, Any]]]) -> None:

@@ -306,8 +306,38 @@ async def test_a_failing_write_among_concurrent_ones_fails_alone(store: SqlChatS
     assert await store.list_messages("ghost") == []
 
 
+async def test_sqlite_writes_stay_grouped_when_callers_write_again(tmp_path: Path) -> None:
+    """Each run writes at its start and at its end: the second writes must be grouped too.
+
+    (They were not once: callers queued behind a lock only to find their write done, and each
+    let one new write through at a time, 201 transactions for these 400 writes.)
+    """
+    store = SqlChatStore(f"sqlite+aiosqlite:///{tmp_path / 'chats.db'}")
+    await store.start()
+    for i in range(200):
+        await store.create_chat(chat(f"c{i}"))
+    transactions = 0
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        nonlocal transactions
+        transactions += statement == "BEGIN IMMEDIATE"
+
+    sa.event.listen(store._engine, "before_cursor_execute", count)  # noqa: SLF001 - counting its transactions
+
+    async def run(chat_id: str) -> None:
+        await store.append_and_list(chat_id, [message(chat_id, "question")])
+        await store.append_messages(chat_id, [message(chat_id, "answer")])
+
+    await asyncio.gather(*(run(f"c{i}") for i in range(200)))
+
+    assert transactions <= 10
+    for i in (0, 199):
+        assert [m.content for m in await store.list_messages(f"c{i}")] == ["question", "answer"]
+    await store.close()
+
+
 async def test_cancelled_sqlite_writers_do_not_strand_the_writes_they_carry(tmp_path: Path) -> None:
-    """A writer that commits a group for others and is cancelled still settles every write in it."""
+    """Callers cancelled while their writes are being committed leave every write in the group settled."""
     path = tmp_path / "chats.db"
     store = SqlChatStore(f"sqlite+aiosqlite:///{path}")
     await store.start()
@@ -317,9 +347,9 @@ async def test_cancelled_sqlite_writers_do_not_strand_the_writes_they_carry(tmp_
     blocker.execute("BEGIN IMMEDIATE")  # another process's write: every group now waits on busy_timeout
     try:
         tasks = [asyncio.create_task(store.append_messages(f"c{i}", [message(f"c{i}", f"m{i}")])) for i in range(20)]
-        await asyncio.sleep(0.2)  # writer 0 commits its own write, writers 1-19 queue behind it
+        await asyncio.sleep(0.2)  # the writer task commits write 0 alone (it waits), 1-19 queue behind it
         tasks[0].cancel()
-        await asyncio.sleep(0.2)  # writer 1 now commits 1-19 on their behalf
+        await asyncio.sleep(0.2)
         tasks[1].cancel()
         await asyncio.sleep(0.2)
         assert not any(t.done() for t in tasks[2:])
