@@ -322,7 +322,7 @@ async def test_sqlite_writes_stay_grouped_when_callers_write_again(tmp_path: Pat
         nonlocal transactions
         transactions += statement == "BEGIN IMMEDIATE"
 
-    sa.event.listen(store._engine, "before_cursor_execute", count)  # noqa: SLF001 - counting its transactions
+    sa.event.listen(store._engine, "before_cursor_execute", count)  # counts its transactions
 
     async def run(chat_id: str) -> None:
         await store.append_and_list(chat_id, [message(chat_id, "question")])
