@@ -29,7 +29,11 @@ ErrorCode = Literal[
 
 
 class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True, gc=False):
-    """Base of every event: the run it belongs to and its position in the run's log."""
+    """Base of every event: the run it belongs to and its position in the run's log.
+
+    ``gc=False``: events hold only JSON-like values, so they can never be part of a reference
+    cycle; untracked, the thousands kept in run logs cost the cyclic GC nothing.
+    """
 
     run_id: str
     seq: int = 0
