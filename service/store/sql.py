@@ -17,7 +17,8 @@ SQLite specifics, so that many concurrent writers never see "database is locked"
 2. Writes are committed in groups by one writer task: the writes queued while a transaction
    runs are committed together by the next one (``_write``), each in a savepoint of its own only
    when one of them fails. 200 concurrent appends take a few transactions and thread hops
-   instead of 200 (about 250 µs of CPU per run's two appends instead of 750). Transactions open
+   instead of 200 (about 250 µs of CPU per run's two appends instead of 750; an append is two
+   statements of driver SQL, ``_append_sqlite``). Transactions open
    with ``BEGIN IMMEDIATE`` so that writers in other processes wait on ``busy_timeout`` instead
    of failing on a lock upgrade. Reads are single autocommit statements and run concurrently
    with the writer.
@@ -56,6 +57,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -483,6 +485,9 @@ class SqlChatStore(ChatStore):
 
 def _append(chat_id: str, messages: list[Message], now: float, conn: Connection) -> None:
     """Append ``messages`` after the chat's last one (``SqlChatStore.append_messages``)."""
+    if conn.dialect.name == "sqlite":
+        _append_sqlite(chat_id, messages, now, conn)
+        return
     # The UPDATE checks that the chat exists and, on PostgreSQL, locks its row, so
     # concurrent appends to one chat take positions one after the other.
     bumped = conn.execute(_TOUCH_CHAT, {"chat_id": chat_id, "now": now})
@@ -496,6 +501,45 @@ def _append(chat_id: str, messages: list[Message], now: float, conn: Connection)
     ]
     if rows:
         conn.execute(messages_table.insert(), rows)
+
+
+_SQLITE_TOUCH_CHAT = (
+    "UPDATE chats SET updated_at = ? WHERE id = ? "
+    "RETURNING (SELECT coalesce(max(position), -1) FROM messages WHERE chat_id = ?)"
+)
+_MESSAGE_COLUMNS = tuple(column.name for column in messages_table.columns)
+_JSON_COLUMNS = frozenset(column.name for column in messages_table.columns if isinstance(column.type, sa.JSON))
+_SQLITE_INSERT_MESSAGE = str(messages_table.insert().compile(dialect=sqlite_dialect.dialect()))
+"""``INSERT INTO messages (<every column>) VALUES (?, ...)``, columns in ``_MESSAGE_COLUMNS`` order."""
+
+
+def _append_sqlite(chat_id: str, messages: list[Message], now: float, conn: Connection) -> None:
+    """``_append`` for SQLite: two statements of driver SQL instead of three Core statements.
+
+    SQLite writers run one at a time (a group holds the write lock from ``BEGIN IMMEDIATE`` to its
+    commit), so the chat's UPDATE can return the last position itself. Driver SQL skips Core's work
+    per statement (cache key, bind processors, result set-up: 13-27 µs each, most of a statement's
+    cost here); JSON columns are encoded as the engine's ``json_serializer`` does, ``None`` as NULL.
+    A run's two appends took 400 µs of CPU in the store's microbenchmark, 280 µs this way.
+    """
+    last = conn.exec_driver_sql(_SQLITE_TOUCH_CHAT, (now, chat_id, chat_id)).scalar()
+    if last is None:
+        raise LookupError(chat_id)
+    rows = [
+        _to_row(message, chat_id=chat_id, position=last + 1 + index, created_at=message.created_at or now)
+        for index, message in enumerate(messages)
+    ]
+    if rows:
+        conn.exec_driver_sql(
+            _SQLITE_INSERT_MESSAGE, [tuple(_sqlite_value(row, c) for c in _MESSAGE_COLUMNS) for row in rows]
+        )
+
+
+def _sqlite_value(row: dict[str, Any], column: str) -> Any:
+    value = row[column]
+    if column in _JSON_COLUMNS and value is not None:
+        return msgspec.json.encode(value).decode()
+    return value
 
 
 def _write_group(engine: Engine, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
