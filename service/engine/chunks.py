@@ -1,8 +1,8 @@
 """The upstream wire: SSE bytes -> ``data`` payloads -> minimal msgspec chunk Structs.
 
 The openai SDK builds a pydantic object per chunk (about 100 µs each); reading
-the raw stream through ``with_streaming_response`` and decoding only the
-fields we use with msgspec costs a few µs. Unknown fields are ignored, so any
+the raw stream (``client.post(..., stream=True)``, see the engine) and decoding
+only the fields we use with msgspec costs a few µs. Unknown fields are ignored, so any
 OpenAI-compatible server's extras pass through harmlessly. The Structs are ``gc=False``: decoded
 JSON cannot form reference cycles, so the cyclic GC need not track one more object per chunk.
 """

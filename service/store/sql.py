@@ -17,11 +17,10 @@ SQLite specifics, so that many concurrent writers never see "database is locked"
 2. Writes are committed in groups by one writer task: the writes queued while a transaction
    runs are committed together by the next one (``_write``), each in a savepoint of its own only
    when one of them fails. 200 concurrent appends take a few transactions and thread hops
-   instead of 200 (about 250 µs of CPU per run's two appends instead of 750; an append is two
-   statements of driver SQL, ``_append_sqlite``). Transactions open
-   with ``BEGIN IMMEDIATE`` so that writers in other processes wait on ``busy_timeout`` instead
-   of failing on a lock upgrade. Reads are single autocommit statements and run concurrently
-   with the writer.
+   instead of 200, and an append is two statements of driver SQL (``_append_sqlite``). Transactions
+   open with ``BEGIN IMMEDIATE`` so that writers in other processes wait on ``busy_timeout``
+   instead of failing on a lock upgrade. Reads are single autocommit statements and run
+   concurrently with the writer.
 3. ``:memory:`` uses one shared connection (``StaticPool``), so reads take the lock too.
 4. Each store call is one sync function on a SQLAlchemy ``Connection``. SQLite runs it whole
    in a worker thread on a sync (``pysqlite``) engine: one thread hop per call. (Through
@@ -281,7 +280,7 @@ class SqlChatStore(ChatStore):
 
     def _create_engine(self) -> AsyncEngine | Engine:
         options: dict[str, Any] = {
-            "json_serializer": lambda value: msgspec.json.encode(value).decode(),  # pyright: ignore[reportUnknownLambdaType]
+            "json_serializer": _json_text,
             "json_deserializer": msgspec.json.decode,
         }
         if not self._sqlite:
@@ -519,7 +518,7 @@ def _append_sqlite(chat_id: str, messages: list[Message], now: float, conn: Conn
     SQLite writers run one at a time (a group holds the write lock from ``BEGIN IMMEDIATE`` to its
     commit), so the chat's UPDATE can return the last position itself. Driver SQL skips Core's work
     per statement (cache key, bind processors, result set-up: 13-27 µs each, most of a statement's
-    cost here); JSON columns are encoded as the engine's ``json_serializer`` does, ``None`` as NULL.
+    cost here); JSON columns are encoded with the engine's ``json_serializer``, ``None`` as NULL.
     A run's two appends took about 405 µs of CPU in the store's microbenchmark, 295 µs this way.
     """
     last = conn.exec_driver_sql(_SQLITE_TOUCH_CHAT, (now, chat_id, chat_id)).scalar()
@@ -537,9 +536,12 @@ def _append_sqlite(chat_id: str, messages: list[Message], now: float, conn: Conn
 
 def _sqlite_value(row: dict[str, Any], column: str) -> Any:
     value = row[column]
-    if column in _JSON_COLUMNS and value is not None:
-        return msgspec.json.encode(value).decode()
-    return value
+    return _json_text(value) if column in _JSON_COLUMNS and value is not None else value
+
+
+def _json_text(value: Any) -> str:
+    """A JSON column's text (the engine's ``json_serializer``; ``_append_sqlite`` encodes with it too)."""
+    return msgspec.json.encode(value).decode()
 
 
 def _write_group(engine: Engine, works: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
