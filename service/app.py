@@ -10,23 +10,26 @@ import gc
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.logging import LoggingConfig
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.static_files import create_static_files_router  # pyright: ignore[reportUnknownVariableType]
 
+from service.api.auth import AUTH_MIDDLEWARE, EXCLUDE_FROM_AUTH, SECURITY_SCHEMES, quiet_refused_handshakes
 from service.api.chats import ChatController
 from service.api.deps import DEPENDENCIES
 from service.api.health import HealthController
 from service.api.models import CatalogController
 from service.api.runs import RunController
-from service.api.ws import chat_socket
+from service.api.ws import chat_socket, create_ws_token
 from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
@@ -34,8 +37,9 @@ from service.errors import EXCEPTION_HANDLERS
 from service.metrics import SKIP_HTTP_METRICS
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
-from service.runs.manager import RunManager
+from service.runs.manager import RunLimits, RunManager
 from service.runs.memory import MemoryRunBackend
+from service.security import ANONYMOUS, Authenticator, Principal
 from service.settings import Settings
 from service.store.sql import SqlChatStore
 
@@ -73,6 +77,22 @@ def _mcp_hub(settings: Settings) -> McpHub | None:
     return McpHub(load_mcp_config(settings.mcp_servers))
 
 
+def _rate_limit(settings: Settings) -> list[Any]:
+    """Litestar's rate limit, keyed by the caller's subject: with auth on only (with it off, all share one)."""
+    if settings.auth != "jwt" or not settings.rate_limit_per_minute:
+        return []
+    config = RateLimitConfig(
+        rate_limit=("minute", settings.rate_limit_per_minute),
+        identifier_for_request=_subject_of,
+        exclude=["^/healthz$", "^/readyz$", "^/metrics", "^/schema"],
+    )
+    return [config.middleware]
+
+
+def _subject_of(request: Request[Any, Any, Any]) -> str:
+    return cast("Principal", cast("dict[str, Any]", request.scope).get("user", ANONYMOUS)).owner or "anonymous"
+
+
 GC_THRESHOLDS = (50_000, 20, 100)
 """Young collections every 50k allocations (CPython's default: 700); full ones a hundredth as often."""
 
@@ -105,7 +125,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store=store,
         tools=tools,
         shutdown_grace_s=settings.shutdown_grace_s,
+        limits=RunLimits(
+            max_active_runs=settings.max_active_runs_per_subject,
+            token_budget=settings.token_budget,
+            budget_window_s=settings.token_budget_window_s,
+            max_history_chars=settings.max_history_chars,
+        ),
     )
+    auth = Authenticator(settings)
+    quiet_refused_handshakes()
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncGenerator[None]:
@@ -127,18 +155,27 @@ def create_app(settings: Settings | None = None) -> Litestar:
         RunController,
         CatalogController,
         chat_socket,
+        create_ws_token,
         PrometheusController,
     ]
     if (WEB_DIR / "index.html").exists():
-        route_handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
+        route_handlers.append(
+            create_static_files_router(
+                path="/", directories=[WEB_DIR], html_mode=True, name="web", opt=EXCLUDE_FROM_AUTH
+            )
+        )
     return Litestar(
         route_handlers=route_handlers,  # type: ignore[arg-type]
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
-        state=State({"settings": settings, "providers": providers, "store": store, "tools": tools, "runs": runs}),
+        state=State(
+            {"settings": settings, "providers": providers, "store": store, "tools": tools, "runs": runs, "auth": auth}
+        ),
         middleware=[
-            PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware
+            PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware,
+            AUTH_MIDDLEWARE,
+            *_rate_limit(settings),
         ],
         cors_config=CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None,
         openapi_config=OpenAPIConfig(
@@ -146,8 +183,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version="0.1.0",
             description=API_DESCRIPTION,
             path="/schema",
-            render_plugins=[ScalarRenderPlugin(), OpenAPIJsonPlugin()],
+            # The UI loads its scripts from a CDN: off when auth is on (the page's CSP allows no other host).
+            render_plugins=[OpenAPIJsonPlugin()]
+            if settings.auth == "jwt"
+            else [ScalarRenderPlugin(), OpenAPIJsonPlugin()],
             use_handler_docstrings=True,
+            components=Components(security_schemes=SECURITY_SCHEMES),
         ),
         logging_config=LoggingConfig(root={"level": settings.log_level.upper(), "handlers": ["queue_listener"]}),
         request_max_body_size=2 * 1024 * 1024,

@@ -7,9 +7,12 @@
     │   ├── InvalidCursorError (400 invalid_cursor)
     │   ├── UnknownModelError (400 unknown_model)
     │   └── ToolSelectionError (400 unknown_tool | mcp_server_not_allowed)
+    ├── UnauthorizedError (401 unauthorized)
     ├── NotFoundError (404 not_found)
     ├── ChatBusyError (409 chat_busy)
     ├── RunExpiredError (410 run_expired)
+    ├── LimitExceededError (422 history_too_long | too_many_parts)
+    ├── TooManyRequestsError (429 too_many_runs | budget_exhausted; ``Retry-After``)
     └── UnavailableError (503 store_unavailable | mcp_unavailable | runs_unavailable)
 
 Litestar's own validation errors become 400 ``invalid_request`` naming the
@@ -83,6 +86,13 @@ class ToolSelectionError(InvalidRequestError):
     code = "unknown_tool"
 
 
+class UnauthorizedError(ServiceError):
+    """No credentials, or credentials that prove nothing; answered with ``WWW-Authenticate: Bearer``."""
+
+    code = "unauthorized"
+    status = 401
+
+
 class NotFoundError(ServiceError):
     """No such resource (or not yours)."""
 
@@ -104,6 +114,24 @@ class RunExpiredError(ServiceError):
     status = 410
 
 
+class LimitExceededError(ServiceError):
+    """A well-formed request over one of the service's size limits; ``detail.field`` names the field."""
+
+    code = "limit_exceeded"
+    status = 422
+
+
+class TooManyRequestsError(ServiceError):
+    """The caller is over one of its limits; ``retry_after`` (seconds) becomes ``Retry-After``."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int, code: str, detail: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, detail=detail)
+        self.retry_after = max(1, retry_after)
+
+
 class UnavailableError(ServiceError):
     """A dependency (database, Redis, MCP server) is down."""
 
@@ -119,7 +147,12 @@ def error_response(status: int, code: str, message: str, detail: Mapping[str, An
 
 def render_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[Any]:
     """Render a ``ServiceError``."""
-    return error_response(exc.status, exc.code, exc.message, exc.detail)
+    response = error_response(exc.status, exc.code, exc.message, exc.detail)
+    if isinstance(exc, TooManyRequestsError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, UnauthorizedError):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def render_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
@@ -154,6 +187,8 @@ def render_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response
     response = error_response(exc.status_code, code, exc.detail)
     if exc.headers:
         response.headers.update(exc.headers)
+    if exc.status_code == 429 and "Retry-After" not in response.headers:  # Litestar's rate limit says RateLimit-Reset
+        response.headers["Retry-After"] = response.headers.get("RateLimit-Reset", "1")
     return response
 
 

@@ -150,6 +150,17 @@ def _operations(doc: JsonDict) -> Iterable[tuple[str, str, JsonDict]]:
                 yield path, method, operation
 
 
+_UNAUTHORIZED_401 = (
+    "No valid credentials (`unauthorized`): with `SERVICE_AUTH=jwt` every call needs `Authorization: Bearer <JWT>`"
+)
+_TOO_MANY_429 = (
+    "Over a limit of the caller (`too_many_runs`, `budget_exhausted`, or the request rate): see `Retry-After`. "
+    "With auth on: at most `SERVICE_MAX_ACTIVE_RUNS_PER_SUBJECT` running runs (default 16), "
+    "`SERVICE_RATE_LIMIT_PER_MINUTE` requests per minute (default 600), "
+    "`SERVICE_TOKEN_BUDGET` tokens per `SERVICE_TOKEN_BUDGET_WINDOW_S` (default: no budget)"
+)
+
+
 def _json_response(description: str, ref: str = ERROR_REF) -> JsonDict:
     return {"description": description, "content": {JSON: {"schema": {"$ref": ref}}}}
 
@@ -173,6 +184,9 @@ def _document_errors(operation: JsonDict) -> None:
         responses.setdefault("400", _json_response(_VALIDATION_400))
     if operation.get("requestBody"):
         responses.setdefault("413", _json_response(_TOO_LARGE_413))
+    if operation.get("security"):
+        responses.setdefault("401", _json_response(_UNAUTHORIZED_401))
+        responses.setdefault("429", _json_response(_TOO_MANY_429))
     responses.setdefault("500", _json_response(_INTERNAL_500))
 
 

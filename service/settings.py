@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Literal, Self
@@ -66,6 +67,48 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_origins: tuple[str, ...] = ()
     """Origins allowed to open the WebSocket, besides the service's own."""
 
+    auth: Literal["none", "jwt"] = "none"
+    """``jwt`` requires a bearer JWT on every API call; ``none`` (local use) is refused off loopback."""
+    allow_anonymous: bool = False
+    """Let ``auth=none`` serve a non-loopback address (everyone then shares every chat)."""
+    jwt_secret: str | None = None
+    """Shared secret of HS256 tokens."""
+    jwt_public_key: str | None = None
+    """PEM public key (the text, or a file path) of RS256/ES256 tokens."""
+    jwks_url: str | None = None
+    """JWKS document with the token signers' public keys; fetched, cached, refetched on an unknown ``kid``."""
+    jwks_cooldown_s: float = 30.0
+    """Least time between two fetches of the JWKS caused by unknown ``kid`` values."""
+    jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"] | None = (
+        None
+    )
+    """The one algorithm tokens must use (never read from the token); default HS256 with a secret, else RS256."""
+    jwt_audience: str | None = None
+    """Required ``aud`` claim (mandatory with ``auth=jwt``)."""
+    jwt_issuer: str | None = None
+    """Required ``iss`` claim, when set."""
+    jwt_leeway_s: float = 10.0
+    """Clock skew allowed on ``exp``/``nbf`` (at most 30 s)."""
+    jwt_tenant_claim: str | None = None
+    """Claim that names the subject's tenant; chats and runs are then owned by tenant and subject."""
+    stream_token_ttl_s: float = 60.0
+    """Lifetime of the tokens minted for EventSource and browser WebSockets (at most 60 s)."""
+    stream_token_secret: str | None = None
+    """Key that signs stream tokens; needed when several instances share runs (default: random per process)."""
+
+    max_active_runs_per_subject: int = 16
+    """Runs one subject may have running at once; one more answers 429 ``too_many_runs``."""
+    rate_limit_per_minute: int = 600
+    """API requests one subject (one client address with auth off) may make per minute; 0 turns it off."""
+    token_budget: int = 0
+    """Tokens (prompt + completion) one subject may use per ``token_budget_window_s``; 0 turns it off."""
+    token_budget_window_s: float = 3600.0
+    """The token budget's window."""
+    max_content_parts: int = 64
+    """Content parts (text and images) one user message may have."""
+    max_history_chars: int = 1_000_000
+    """Characters of a chat's history resent to the model each turn; a longer chat answers 422."""
+
     max_message_chars: int = 100_000
     """Longest user message accepted."""
     max_tool_rounds: int = 8
@@ -111,6 +154,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "max_tool_rounds",
             "tool_timeout_s",
             "tool_max_output_chars",
+            "stream_token_ttl_s",
+            "max_active_runs_per_subject",
+            "token_budget_window_s",
+            "max_content_parts",
+            "max_history_chars",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -119,6 +167,56 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError("invalid setting: SERVICE_SSE_RETRY_MS must be within 1000..60000")
         if self.upstream_max_retries < 0 or self.demo_token_delay_ms < 0 or self.shutdown_grace_s < 0:
             raise SettingsError("invalid setting: retries, delays and grace periods cannot be negative")
+        if self.rate_limit_per_minute < 0 or self.token_budget < 0:
+            raise SettingsError(
+                "invalid setting: SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot be negative"
+            )
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        if not 0 <= self.jwt_leeway_s <= 30:
+            raise SettingsError("invalid setting: SERVICE_JWT_LEEWAY_S must be within 0..30")
+        if self.stream_token_ttl_s > 60:
+            raise SettingsError("invalid setting: SERVICE_STREAM_TOKEN_TTL_S must be at most 60")
+        if self.auth == "none":
+            if not self.allow_anonymous and not is_loopback(self.host):
+                raise SettingsError(
+                    f"SERVICE_HOST={self.host} is not a loopback address and SERVICE_AUTH=none: anyone who can reach "
+                    "it could read and delete every chat. Set SERVICE_AUTH=jwt (see the README), or "
+                    "SERVICE_ALLOW_ANONYMOUS=true if that is really wanted"
+                )
+            return
+        keys = [name for name in ("jwt_secret", "jwt_public_key", "jwks_url") if getattr(self, name)]
+        if len(keys) != 1:
+            raise SettingsError(
+                "SERVICE_AUTH=jwt needs exactly one of SERVICE_JWT_SECRET, SERVICE_JWT_PUBLIC_KEY, SERVICE_JWKS_URL"
+            )
+        if not self.jwt_audience:
+            raise SettingsError("SERVICE_AUTH=jwt needs SERVICE_JWT_AUDIENCE (the aud claim tokens must carry)")
+        symmetric = (self.jwt_algorithm or "HS256").startswith("HS")
+        if symmetric != bool(self.jwt_secret):
+            raise SettingsError(
+                "SERVICE_JWT_ALGORITHM: HS* algorithms go with SERVICE_JWT_SECRET, the others with a public key or JWKS"
+            )
+        if self.redis_url and not self.stream_token_secret:
+            raise SettingsError(
+                "SERVICE_AUTH=jwt with SERVICE_REDIS_URL needs SERVICE_STREAM_TOKEN_SECRET (shared by the instances)"
+            )
+
+    @property
+    def algorithm(self) -> str:
+        """The JWT algorithm in force."""
+        return self.jwt_algorithm or ("HS256" if self.jwt_secret else "RS256")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _env_name(message: str) -> str:

@@ -14,6 +14,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.types import ASGIApp
 
 from service import errors
+from service.api.auth import BEARER
 from service.api.schemas import (
     ChatCreate,
     ChatList,
@@ -33,6 +34,7 @@ from service.errors import ErrorEnvelope
 from service.events import AnyEvent
 from service.ids import new_id
 from service.runs.manager import RunManager, tool_selection_error
+from service.security import Principal
 from service.settings import Settings
 from service.store.base import Chat, ChatStore, StoreUnavailableError
 
@@ -48,6 +50,7 @@ class ChatController(Controller):
 
     path = "/v1/chats"
     tags = ["chats"]
+    security = BEARER
 
     @post("/", operation_id="CreateChat", status_code=201, responses={400: ERRORS[400], 503: ERRORS[503]})
     async def create_chat(
@@ -57,8 +60,9 @@ class ChatController(Controller):
         providers: NamedDependency[ProviderRegistry],
         tool_catalog: NamedDependency[ToolCatalog],
         runs: NamedDependency[RunManager],
+        principal: NamedDependency[Principal],
     ) -> ChatOut:
-        """Create a chat. Its fields become the defaults of its runs."""
+        """Create a chat. Its fields become the defaults of its runs. The caller owns it."""
         try:
             model, _, _ = providers.resolve(data.model)
             response_format = response_format_dict(data.response_format)
@@ -77,6 +81,7 @@ class ChatController(Controller):
             tools=data.tools,
             mcp_servers=data.mcp_servers,
             response_format=response_format,
+            owner=principal.owner,
             created_at=now,
             updated_at=now,
         )
@@ -89,24 +94,29 @@ class ChatController(Controller):
     async def list_chats(
         self,
         store: NamedDependency[ChatStore],
+        principal: NamedDependency[Principal],
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
         cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
     ) -> ChatList:
-        """List chats, newest first. Pass `next_cursor` back as `cursor` for the next page."""
+        """List the caller's chats, newest first. Pass `next_cursor` back as `cursor` for the next page."""
         with _store_errors():
             try:
-                page = await store.list_chats(limit=limit, cursor=cursor)
+                page = await store.list_chats(limit=limit, cursor=cursor, owner=principal.owner)
             except ValueError as exc:
                 raise errors.InvalidCursorError("invalid cursor", detail={"field": "cursor"}) from exc
         return ChatList(items=[chat_out(c) for c in page.items], next_cursor=page.next_cursor)
 
     @get("/{chat_id:str}", operation_id="GetChat", responses={404: ERRORS[404], 503: ERRORS[503]})
-    async def get_chat(self, chat_id: FromPath[str], store: NamedDependency[ChatStore]) -> ChatOut:
+    async def get_chat(
+        self,
+        chat_id: FromPath[str],
+        store: NamedDependency[ChatStore],
+        runs: NamedDependency[RunManager],
+        principal: NamedDependency[Principal],
+    ) -> ChatOut:
         """A chat with all its messages, oldest first (interrupted answers carry `status`)."""
+        chat = await runs.chat(chat_id, principal.owner)
         with _store_errors():
-            chat = await store.get_chat(chat_id)
-            if chat is None:
-                raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
             return chat_out(chat, await store.list_messages(chat_id))
 
     @delete(
@@ -115,10 +125,14 @@ class ChatController(Controller):
         responses={404: ERRORS[404], 409: ResponseSpec(ErrorEnvelope, description="A run is active"), 503: ERRORS[503]},
     )
     async def delete_chat(
-        self, chat_id: FromPath[str], store: NamedDependency[ChatStore], runs: NamedDependency[RunManager]
+        self,
+        chat_id: FromPath[str],
+        store: NamedDependency[ChatStore],
+        runs: NamedDependency[RunManager],
+        principal: NamedDependency[Principal],
     ) -> None:
         """Delete a chat and its messages. A chat with an active run answers 409 `chat_busy`."""
-        active = await runs.active_run(chat_id)
+        active = await runs.active_run(chat_id, principal.owner)
         if active is not None:
             raise errors.ChatBusyError("the chat has an active run", detail={"active_run_id": active.id})
         runs.forget_chat(chat_id)
@@ -148,6 +162,7 @@ class ChatController(Controller):
         data: JSONBody[RunCreate],
         runs: NamedDependency[RunManager],
         settings: NamedDependency[Settings],
+        principal: NamedDependency[Principal],
         idempotency_key: Annotated[
             str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200)
         ] = None,
@@ -159,12 +174,12 @@ class ChatController(Controller):
         the same run. A chat has at most one active run: a second one gets `409 chat_busy`.
         """
         try:
-            options = run_options(data, settings.max_message_chars)
+            options = run_options(data, settings)
         except InvalidBodyError as exc:
             raise errors.InvalidRequestError(str(exc), detail={"field": exc.field}) from exc
-        record, _ = await runs.start_run(chat_id, options, idempotency_key)
+        record, _ = await runs.start_run(chat_id, options, idempotency_key, owner=principal.owner)
         if "text/event-stream" in request.headers.get("accept", ""):
-            events = await runs.open_events(record.id, 0)
+            events = await runs.open_events(record.id, 0, principal.owner)
             if events is not None:
                 return sse_response(events, settings)
         return as_asgi(Response(run_out(record), status_code=202))
@@ -174,9 +189,11 @@ class ChatController(Controller):
         operation_id="GetActiveRun",
         responses={404: ERRORS[404], 503: ERRORS[503]},
     )
-    async def active_run(self, chat_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut | None:
+    async def active_run(
+        self, chat_id: FromPath[str], runs: NamedDependency[RunManager], principal: NamedDependency[Principal]
+    ) -> RunOut | None:
         """The chat's running run, or `null` when none is running."""
-        record = await runs.active_run(chat_id)
+        record = await runs.active_run(chat_id, principal.owner)
         return None if record is None else run_out(record)
 
 

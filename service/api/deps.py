@@ -7,6 +7,8 @@ from typing import Any
 from litestar.datastructures import State
 from litestar.di import Provide
 
+from service.api.auth import PRINCIPAL
+
 
 def _from_state(attribute: str) -> Provide:
     def provide(state: State) -> Any:
@@ -21,5 +23,7 @@ DEPENDENCIES: dict[str, Any] = {
     "settings": _from_state("settings"),  # Settings
     "providers": _from_state("providers"),  # ProviderRegistry
     "tool_catalog": _from_state("tools"),  # ToolCatalog
+    "auth": _from_state("auth"),  # Authenticator
+    "principal": PRINCIPAL,  # Principal: the caller
 }
 """Handlers declare them as ``runs: NamedDependency[RunManager]`` and so on."""

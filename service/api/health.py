@@ -6,6 +6,7 @@ import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 
+from service.api.auth import EXCLUDE_FROM_AUTH
 from service.runs.manager import RunManager
 from service.store.base import ChatStore
 
@@ -22,6 +23,7 @@ class HealthController(Controller):
     """Liveness and readiness."""
 
     tags = ["health"]
+    opt = EXCLUDE_FROM_AUTH
 
     @get("/healthz", operation_id="Healthz")
     async def healthz(self) -> Health:

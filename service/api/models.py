@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
+from service.api.auth import BEARER
 from service.api.schemas import ModelList, ModelOut
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog, ToolSpec
@@ -15,6 +16,7 @@ class CatalogController(Controller):
 
     path = "/v1"
     tags = ["catalog"]
+    security = BEARER
 
     @get("/models", operation_id="ListModels")
     async def list_models(self, providers: NamedDependency[ProviderRegistry]) -> ModelList:

@@ -11,11 +11,13 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.types import ASGIApp
 
 from service import errors
+from service.api.auth import BEARER, BEARER_OR_STREAM_TOKEN, STREAM_TOKEN_OPT
 from service.api.schemas import RunOut, run_out
 from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
 from service.errors import ErrorEnvelope
 from service.events import AnyEvent
 from service.runs.manager import RunManager
+from service.security import Authenticator, Principal, StreamToken
 from service.settings import Settings
 
 NOT_FOUND = ResponseSpec(ErrorEnvelope, description="No such run")
@@ -27,11 +29,14 @@ class RunController(Controller):
 
     path = "/v1/runs"
     tags = ["runs"]
+    security = BEARER
 
     @get("/{run_id:str}", operation_id="GetRun", responses={404: NOT_FOUND, 410: EXPIRED})
-    async def get_run(self, run_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut:
+    async def get_run(
+        self, run_id: FromPath[str], runs: NamedDependency[RunManager], principal: NamedDependency[Principal]
+    ) -> RunOut:
         """The run's status and the seq of its last event."""
-        return run_out(await runs.get_run(run_id))
+        return run_out(await runs.get_run(run_id, principal.owner))
 
     @get(
         "/{run_id:str}/events",
@@ -47,12 +52,15 @@ class RunController(Controller):
             404: NOT_FOUND,
             410: EXPIRED,
         },
+        opt={STREAM_TOKEN_OPT: "run"},
+        security=BEARER_OR_STREAM_TOKEN,
     )
     async def stream_events(
         self,
         run_id: FromPath[str],
         runs: NamedDependency[RunManager],
         settings: NamedDependency[Settings],
+        principal: NamedDependency[Principal],
         after: Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")] = 0,
         last_event_id: Annotated[
             str | None,
@@ -62,22 +70,46 @@ class RunController(Controller):
         """Replay the run's events after `Last-Event-ID` (or `?after=`), then follow it live.
 
         A browser `EventSource` can open it with no custom header and resumes by itself. A finished run
-        with nothing left to send answers `204`, which stops EventSource from reconnecting.
+        with nothing left to send answers `204`, which stops EventSource from reconnecting. With auth on,
+        a browser passes a stream token from `POST /v1/runs/{run_id}/stream-token` as `?token=`.
         """
         start = after if last_event_id is None else _cursor(last_event_id)
-        events = await runs.open_events(run_id, start)
+        events = await runs.open_events(run_id, start, principal.owner)
         if events is None:
             return as_asgi(Response(None, status_code=204))
         return sse_response(events, settings)
 
     @post("/{run_id:str}/cancel", operation_id="CancelRun", status_code=200, responses={404: NOT_FOUND, 410: EXPIRED})
-    async def cancel_run(self, run_id: FromPath[str], runs: NamedDependency[RunManager]) -> RunOut:
+    async def cancel_run(
+        self, run_id: FromPath[str], runs: NamedDependency[RunManager], principal: NamedDependency[Principal]
+    ) -> RunOut:
         """Stop the run.
 
         The upstream request is closed, the partial answer stored, and the stream ends with
         `run.cancelled`. Idempotent: cancelling a finished run returns it unchanged.
         """
-        return run_out(await runs.cancel(run_id))
+        return run_out(await runs.cancel(run_id, principal.owner))
+
+    @post(
+        "/{run_id:str}/stream-token",
+        operation_id="CreateStreamToken",
+        status_code=201,
+        responses={404: NOT_FOUND, 410: EXPIRED},
+    )
+    async def create_stream_token(
+        self,
+        run_id: FromPath[str],
+        runs: NamedDependency[RunManager],
+        auth: NamedDependency[Authenticator],
+        principal: NamedDependency[Principal],
+    ) -> StreamToken:
+        """A short-lived token that opens this run's event stream as `?token=` (for `EventSource`).
+
+        It works only on `GET /v1/runs/{run_id}/events` of this run, for at most 60 s (a setting); a stream
+        opened with it keeps flowing after that. Mint a new one to reconnect later (resume with `?after=`).
+        """
+        await runs.get_run(run_id, principal.owner)
+        return auth.mint(principal, "run", run_id)
 
 
 def _cursor(value: str) -> int:

@@ -7,8 +7,10 @@ from typing import Annotated, Any, Literal
 import jsonschema
 import msgspec
 
+from service import errors
 from service.runs.base import OnDisconnect, RunRecord, RunStatus
 from service.runs.manager import RunOptions
+from service.settings import Settings
 from service.store.base import Chat, Message
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -158,20 +160,26 @@ def response_format_dict(value: ResponseFormat | None) -> dict[str, Any] | None:
     return msgspec.to_builtins(value)
 
 
-def run_options(body: RunCreate, max_message_chars: int) -> RunOptions:
-    """Turn a validated body into run options, enforcing the message limits."""
+def run_options(body: RunCreate, settings: Settings) -> RunOptions:
+    """Turn a validated body into run options, enforcing the message limits (422 ``limit_exceeded``)."""
     message: str | list[dict[str, Any]]
     if isinstance(body.message, str):
         message, size = body.message, len(body.message)
     else:
         if not body.message:
             raise InvalidBodyError("message", "message has no content parts")
+        if len(body.message) > settings.max_content_parts:
+            raise errors.LimitExceededError(
+                f"message has more than {settings.max_content_parts} content parts", detail={"field": "message"}
+            )
         message = msgspec.to_builtins(body.message)
         size = sum(len(p.text) for p in body.message if isinstance(p, TextPart))
     if size == 0 and isinstance(body.message, str):
         raise InvalidBodyError("message", "message is empty")
-    if size > max_message_chars:
-        raise InvalidBodyError("message", f"message is longer than {max_message_chars} characters")
+    if size > settings.max_message_chars:
+        raise errors.LimitExceededError(
+            f"message is longer than {settings.max_message_chars} characters", detail={"field": "message"}
+        )
     return RunOptions(
         message=message,
         model=body.model,

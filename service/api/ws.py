@@ -22,17 +22,19 @@ from typing import Any, assert_never
 from urllib.parse import urlsplit
 
 import msgspec
-from litestar import WebSocket, websocket
+from litestar import WebSocket, post, websocket
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 
 from service import errors, metrics
+from service.api.auth import BEARER, STREAM_TOKEN_OPT
 from service.api.schemas import InvalidBodyError, RunCreate, run_options
 from service.events import AnyEvent, ws_frame
 from service.metrics import SKIP_HTTP_METRICS
 from service.runs.manager import RunManager
+from service.security import Authenticator, Principal, StreamToken
 from service.settings import Settings
 
 
@@ -119,10 +121,13 @@ def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
 class _Session:
     """One socket's runs and frames."""
 
-    def __init__(self, socket: WebSocket[Any, Any, Any], runs: RunManager, settings: Settings) -> None:
+    def __init__(
+        self, socket: WebSocket[Any, Any, Any], runs: RunManager, settings: Settings, principal: Principal
+    ) -> None:
         self.socket = socket
         self.runs = runs
         self.settings = settings
+        self.owner = principal.owner
         self.followers: dict[str, asyncio.Task[None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.send_lock = asyncio.Lock()
@@ -183,9 +188,9 @@ class _Session:
     async def _create(self, frame: CreateFrame) -> None:
         ref = frame.client_ref
         try:
-            options = run_options(frame, self.settings.max_message_chars)
-            record, created = await self.runs.start_run(frame.chat_id, options, frame.idempotency_key)
-            events = await self.runs.open_events(record.id, 0)
+            options = run_options(frame, self.settings)
+            record, created = await self.runs.start_run(frame.chat_id, options, frame.idempotency_key, owner=self.owner)
+            events = await self.runs.open_events(record.id, 0, self.owner)
         except InvalidBodyError as exc:
             await self.send(ErrorFrame("invalid_request", str(exc), ref=ref, detail={"field": exc.field}))
             return
@@ -198,8 +203,8 @@ class _Session:
 
     async def _resume(self, frame: ResumeFrame) -> None:
         try:
-            record = await self.runs.get_run(frame.run_id)
-            events = await self.runs.open_events(frame.run_id, frame.after)
+            record = await self.runs.get_run(frame.run_id, self.owner)
+            events = await self.runs.open_events(frame.run_id, frame.after, self.owner)
         except errors.ServiceError as exc:
             await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
             return
@@ -209,7 +214,7 @@ class _Session:
 
     async def _cancel(self, frame: CancelFrame) -> None:
         try:
-            await self.runs.cancel(frame.run_id)
+            await self.runs.cancel(frame.run_id, self.owner)
         except errors.ServiceError as exc:
             await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
 
@@ -251,15 +256,32 @@ def _guess_ref(text: str) -> str | None:
 
 # Not in the HTTP request metrics: a socket's "request duration" is its whole life, and wrapping
 # every frame's send costs ~2 % of the CPU per event; chat_service_open_streams counts sockets.
-@websocket("/v1/ws", guards=[origin_guard], opt={SKIP_HTTP_METRICS: True})
+@websocket("/v1/ws", guards=[origin_guard], opt={SKIP_HTTP_METRICS: True, STREAM_TOKEN_OPT: "ws"})
 async def chat_socket(
-    socket: WebSocket[Any, Any, Any], runs: NamedDependency[RunManager], settings: NamedDependency[Settings]
+    socket: WebSocket[Any, Any, Any],
+    runs: NamedDependency[RunManager],
+    settings: NamedDependency[Settings],
+    principal: NamedDependency[Principal],
 ) -> None:
-    """The multiplexed WebSocket (see the module docstring and ``openapi/asyncapi.yaml``)."""
+    """The multiplexed WebSocket (see the module docstring and ``openapi/asyncapi.yaml``).
+
+    The handshake is authenticated before it is accepted; the session keeps the caller's identity for
+    its whole life, also after the token it was opened with expires.
+    """
     await socket.accept()
     streams = metrics.OPEN_STREAMS.labels("websocket")
     streams.inc()
     try:
-        await _Session(socket, runs, settings).serve()
+        await _Session(socket, runs, settings, principal).serve()
     finally:
         streams.dec()
+
+
+@post("/v1/ws-token", operation_id="CreateWsToken", status_code=201, tags=["runs"], security=BEARER)
+async def create_ws_token(auth: NamedDependency[Authenticator], principal: NamedDependency[Principal]) -> StreamToken:
+    """A short-lived token that opens the WebSocket `/v1/ws` as `?token=` (browsers cannot send headers there).
+
+    It is accepted for at most 60 s (a setting) and only by `/v1/ws`; a socket opened with it keeps its
+    session after the token expires.
+    """
+    return auth.mint(principal, "ws")

@@ -40,6 +40,9 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     status: RunStatus = "running"
     on_disconnect: OnDisconnect = "continue"
     owner: str = ""
+    """The instance running it."""
+    subject: str | None = None
+    """Who started it (``Principal.owner``); None with auth off."""
     created_at: float = 0.0
     finished_at: float | None = None
     last_seq: int = 0
@@ -51,7 +54,11 @@ class RunNotFoundError(Exception):
 
 
 class RunExpiredError(Exception):
-    """The run existed but its log is past retention."""
+    """The run existed but its log is past retention; ``subject`` is who started it."""
+
+    def __init__(self, run_id: str, subject: str | None = None) -> None:
+        super().__init__(run_id)
+        self.subject = subject
 
 
 class ChatBusyError(Exception):
@@ -60,6 +67,10 @@ class ChatBusyError(Exception):
     def __init__(self, active_run_id: str) -> None:
         super().__init__(active_run_id)
         self.active_run_id = active_run_id
+
+
+class TooManyRunsError(Exception):
+    """The run's subject already has its maximum of running runs."""
 
 
 class CursorError(Exception):
@@ -84,12 +95,16 @@ class RunBackend(ABC):
         """Whether the backend answers (for ``/readyz``)."""
 
     @abstractmethod
-    async def create_run(self, record: RunRecord, *, idempotency_key: str | None = None) -> tuple[RunRecord, bool]:
+    async def create_run(
+        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
+    ) -> tuple[RunRecord, bool]:
         """Register a run and claim its chat, atomically.
 
         Returns ``(record, True)`` for a new run. When ``idempotency_key`` was
         already used, returns ``(that run's record, False)`` and creates
-        nothing. Raises ``ChatBusyError`` when the chat has an active run.
+        nothing. Raises ``ChatBusyError`` when the chat has an active run, and
+        ``TooManyRunsError`` when ``max_active`` > 0 and the record's subject
+        already has that many running runs.
         """
 
     @abstractmethod
@@ -131,3 +146,11 @@ class RunBackend(ABC):
     @abstractmethod
     async def detach(self, run_id: str) -> int:
         """Count one reader less; returns how many remain (across instances)."""
+
+    @abstractmethod
+    async def add_usage(self, subject: str, tokens: int, window_s: float) -> None:
+        """Count ``tokens`` against ``subject`` in the current window of ``window_s`` seconds."""
+
+    @abstractmethod
+    async def usage(self, subject: str, window_s: float) -> tuple[int, float]:
+        """Tokens ``subject`` used in the current window, and the seconds until the window ends."""

@@ -8,9 +8,16 @@ appended, so a client that sees ``run.completed`` can read the message.
 
 A run starts from its chat's settings (model, system prompt, tools). Chats never
 change once created, so this instance keeps the settings of recent chats
-(``remember_chat``, ``forget_chat`` on delete) and skips a store read per run. A
-chat deleted through another instance is still caught: the user message's append
-finds no chat, and the start answers 404.
+(``remember_chat``, ``forget_chat`` on delete; at most 10,000 chats and 64 MB of
+their text) and skips a store read per run. A chat deleted through another
+instance is still caught: the user message's append finds no chat, and the
+start answers 404.
+
+Every call names the caller's ``owner`` (``Principal.owner``: None with auth
+off). A chat or run of another owner answers exactly as an unknown one does (404,
+the same body), and an expired run's tombstone remembers its owner for the same
+reason. The owner's limits (running runs, tokens per window) are checked before
+the run starts, so a refused start reaches no upstream.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,12 +43,13 @@ from service.ids import new_id
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
 from service.runs.memory import terminal_status
-from service.runs.transcript import Transcript, openai_history
+from service.runs.transcript import Transcript, openai_history, recent
 from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
 
 log = logging.getLogger("service.runs")
 
 _REMEMBERED_CHATS = 10_000
+_REMEMBERED_CHAT_CHARS = 64_000_000
 
 
 def tool_selection_error(exc: ToolError) -> errors.ServiceError:
@@ -69,6 +78,30 @@ class RunOptions:
     on_disconnect: OnDisconnect = "continue"
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunLimits:
+    """Per-owner limits (they apply when auth is on, i.e. to owners other than None)."""
+
+    max_active_runs: int = 0
+    """Running runs per owner; 0: no limit."""
+    token_budget: int = 0
+    """Tokens per owner per ``budget_window_s``; 0: no budget."""
+    budget_window_s: float = 3600.0
+    max_history_chars: int = 1_000_000
+    """The newest turns of a chat that fit are sent to the model; older ones are left out."""
+
+
+def _not_found(kind: str, ident: str) -> errors.NotFoundError:
+    """What an unknown id answers (and, word for word, another owner's id)."""
+    return errors.NotFoundError(f"no {kind} {ident!r}", detail={f"{kind}_id": ident})
+
+
+def _chat_chars(chat: Chat) -> int:
+    return (
+        256 + len(chat.system or "") + (len(msgspec.json.encode(chat.response_format)) if chat.response_format else 0)
+    )
+
+
 class RunManager:
     """Starts, follows and cancels runs. See the module docstring."""
 
@@ -80,14 +113,17 @@ class RunManager:
         store: ChatStore,
         tools: ToolSource | None,
         shutdown_grace_s: float,
+        limits: RunLimits | None = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or RunLimits()
         self.backend = backend
         self.store = store
         self.tools = tools
         self._grace = shutdown_grace_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._chats: OrderedDict[str, Chat] = OrderedDict()  # recent chats' settings, least recent first
+        self._chat_chars = 0
         self._cancel_reasons: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -108,10 +144,12 @@ class RunManager:
         await self.backend.close()
 
     async def start_run(
-        self, chat_id: str, options: RunOptions, idempotency_key: str | None = None
+        self, chat_id: str, options: RunOptions, idempotency_key: str | None = None, *, owner: str | None = None
     ) -> tuple[RunRecord, bool]:
         """Start a run on a chat; returns ``(run, created)`` (an idempotent retry gives ``created=False``)."""
-        chat = self._chats.get(chat_id) or await self._chat(chat_id)
+        chat = self._chats.get(chat_id) or await self._chat(chat_id, owner)
+        if chat.owner != owner:
+            raise _not_found("chat", chat_id)
         self.remember_chat(chat)
         model = options.model or chat.model
         try:
@@ -124,14 +162,25 @@ class RunManager:
             chat_id=chat.id,
             model=model,
             on_disconnect=options.on_disconnect,
+            subject=owner,
             created_at=time.time(),
         )
         key = f"{chat.id}:{idempotency_key}" if idempotency_key else None
+        if owner is not None and self.limits.token_budget:
+            await self._check_budget(owner)
+        limit = self.limits.max_active_runs if owner is not None else 0
         try:
-            record, created = await self.backend.create_run(record, idempotency_key=key)
+            record, created = await self.backend.create_run(record, idempotency_key=key, max_active=limit)
         except base.ChatBusyError as exc:
             raise errors.ChatBusyError(
                 "the chat already has an active run", detail={"active_run_id": exc.active_run_id}
+            ) from exc
+        except base.TooManyRunsError as exc:
+            raise errors.TooManyRequestsError(
+                f"you already have {limit} runs running; wait for one to end",
+                code="too_many_runs",
+                retry_after=1,
+                detail={"max_active_runs": limit},
             ) from exc
         if not created:
             return record, False
@@ -145,7 +194,8 @@ class RunManager:
                 run_id=record.id,
                 created_at=time.time(),
             )
-            history = openai_history(chat.system, await self.store.append_and_list(chat.id, [user]))
+            stored = await self.store.append_and_list(chat.id, [user])
+            history = openai_history(chat.system, recent(stored, self.limits.max_history_chars))
         except StoreUnavailableError as exc:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
             await self.backend.append(record.id, failed)
@@ -154,7 +204,7 @@ class RunManager:
             self.forget_chat(chat.id)
             failed = RunFailed(run_id=record.id, error=ErrorInfo("not_found", "the chat was deleted"))
             await self.backend.append(record.id, failed)
-            raise errors.NotFoundError(f"no chat {chat.id!r}", detail={"chat_id": chat.id}) from exc
+            raise _not_found("chat", chat.id) from exc
         request = RunRequest(
             run_id=record.id,
             chat_id=chat.id,
@@ -164,28 +214,47 @@ class RunManager:
             response_format=options.response_format or chat.response_format,
             toolbox=toolbox,
         )
-        transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id)
+        transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id, owner=owner)
         self._tasks[record.id] = asyncio.create_task(self._drive(request, transcript), name=f"run-{record.id}")
         return record, True
 
+    async def _check_budget(self, owner: str) -> None:
+        used, reset_in = await self.backend.usage(owner, self.limits.budget_window_s)
+        if used >= self.limits.token_budget:
+            raise errors.TooManyRequestsError(
+                f"your token budget of {self.limits.token_budget} per {self.limits.budget_window_s:g} s is used up",
+                code="budget_exhausted",
+                retry_after=math.ceil(reset_in),
+                detail={"token_budget": self.limits.token_budget, "used": used},
+            )
+
     def remember_chat(self, chat: Chat) -> None:
         """Keep a chat's settings for the start of its runs (see the module docstring)."""
+        if chat.id not in self._chats:
+            self._chat_chars += _chat_chars(chat)
         self._chats[chat.id] = chat
         self._chats.move_to_end(chat.id)
-        if len(self._chats) > _REMEMBERED_CHATS:
-            self._chats.popitem(last=False)
+        while len(self._chats) > _REMEMBERED_CHATS or self._chat_chars > _REMEMBERED_CHAT_CHARS:
+            _, oldest = self._chats.popitem(last=False)
+            self._chat_chars -= _chat_chars(oldest)
 
     def forget_chat(self, chat_id: str) -> None:
         """Drop a deleted chat's settings."""
-        self._chats.pop(chat_id, None)
+        chat = self._chats.pop(chat_id, None)
+        if chat is not None:
+            self._chat_chars -= _chat_chars(chat)
 
-    async def _chat(self, chat_id: str) -> Chat:
+    async def chat(self, chat_id: str, owner: str | None) -> Chat:
+        """The owner's chat (404 for an unknown chat and for another owner's)."""
+        return await self._chat(chat_id, owner)
+
+    async def _chat(self, chat_id: str, owner: str | None) -> Chat:
         try:
             chat = await self.store.get_chat(chat_id)
         except StoreUnavailableError as exc:
             raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
-        if chat is None:
-            raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
+        if chat is None or chat.owner != owner:
+            raise _not_found("chat", chat_id)
         return chat
 
     async def _toolbox(self, chat: Chat, options: RunOptions) -> ToolRunner | None:
@@ -231,8 +300,18 @@ class RunManager:
             metrics.ACTIVE_RUNS.dec()
             metrics.RUN_EVENTS.inc(events)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own (a cancelled caller cannot await), keeping a reference."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _persist(self, transcript: Transcript, terminal: AnyEvent) -> AnyEvent:
-        """Store the run's messages; a store failure turns the terminal event into ``store_unavailable``."""
+        """Store the run's messages and count its tokens (before the terminal event, which readers wait on).
+
+        A store failure turns the terminal event into ``store_unavailable``.
+        """
+        await self._count_usage(transcript)
         match terminal:
             case RunCompleted(finish_reason=reason):
                 messages = transcript.messages("completed", reason)
@@ -255,47 +334,61 @@ class RunManager:
             metrics.RUN_ERRORS.labels(terminal.error.code).inc()
         return terminal
 
+    async def _count_usage(self, transcript: Transcript) -> None:
+        usage, owner = transcript.usage, transcript.owner
+        if usage is None or owner is None or not self.limits.token_budget:
+            return
+        try:
+            await self.backend.add_usage(owner, usage.total_tokens, self.limits.budget_window_s)
+        except Exception:
+            log.exception("run %s: could not count its tokens against the budget", transcript.run_id)
+
     def _on_cancel(self, run_id: str, reason: str) -> None:
         task = self._tasks.get(run_id)
         if task is not None and not task.done():
             self._cancel_reasons.setdefault(run_id, reason)
             task.cancel()
 
-    async def get_run(self, run_id: str) -> RunRecord:
-        """The run's record; 404 if unknown, 410 once expired."""
+    async def get_run(self, run_id: str, owner: str | None) -> RunRecord:
+        """The owner's run; 404 if unknown or another owner's, 410 once expired."""
         try:
-            return await self.backend.get_run(run_id)
+            record = await self.backend.get_run(run_id)
         except base.RunNotFoundError as exc:
-            raise errors.NotFoundError(f"no run {run_id!r}", detail={"run_id": run_id}) from exc
+            raise _not_found("run", run_id) from exc
         except base.RunExpiredError as exc:
+            if exc.subject != owner:
+                raise _not_found("run", run_id) from exc
             raise errors.RunExpiredError(
                 "the run's events are past retention; its answer is in the chat", detail={"run_id": run_id}
             ) from exc
+        if record.subject != owner:
+            raise _not_found("run", run_id)
+        return record
 
-    async def active_run(self, chat_id: str) -> RunRecord | None:
+    async def active_run(self, chat_id: str, owner: str | None) -> RunRecord | None:
         """The chat's running run, if any."""
-        await self._chat(chat_id)
+        await self._chat(chat_id, owner)
         run_id = await self.backend.active_run(chat_id)
         if run_id is None:
             return None
         with contextlib.suppress(errors.ServiceError):
-            record = await self.get_run(run_id)
+            record = await self.get_run(run_id, owner)
             return record if record.status == "running" else None
         return None
 
-    async def cancel(self, run_id: str, reason: str = "cancelled by the client") -> RunRecord:
+    async def cancel(self, run_id: str, owner: str | None, reason: str = "cancelled by the client") -> RunRecord:
         """Ask the run's owner to stop it (idempotent: a finished run is returned as it is)."""
-        record = await self.get_run(run_id)
+        record = await self.get_run(run_id, owner)
         if record.finished_at is None:
             await self.backend.request_cancel(run_id, reason)
         return record
 
-    async def open_events(self, run_id: str, after: int) -> AsyncIterator[AnyEvent] | None:
+    async def open_events(self, run_id: str, after: int, owner: str | None) -> AsyncIterator[AnyEvent] | None:
         """Events after ``after``, then live ones; None when a finished run has nothing left to send.
 
         Raises 404/410 for unknown/expired runs and 400 ``invalid_cursor`` for a cursor past the log.
         """
-        record = await self.get_run(run_id)
+        record = await self.get_run(run_id, owner)
         if after < 0 or after > record.last_seq:
             raise errors.InvalidCursorError(
                 f"cursor {after} is not a position in this run (0..{record.last_seq})",
@@ -314,9 +407,7 @@ class RunManager:
             log.info("reader of run %s stopped: %s", record.id, exc)
         finally:
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
-            release = asyncio.create_task(self._release(record))
-            self._background.add(release)
-            release.add_done_callback(self._background.discard)
+            self._spawn(self._release(record))
 
     async def _release(self, record: RunRecord) -> None:
         try:

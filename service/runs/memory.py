@@ -26,9 +26,11 @@ from service.runs.base import (
     RunNotFoundError,
     RunRecord,
     RunStatus,
+    TooManyRunsError,
 )
 
 _TOMBSTONES = 100_000
+_USAGE_KEPT = 100_000
 
 
 class _Run:
@@ -90,8 +92,10 @@ class MemoryRunBackend(RunBackend):
         self._max_finished = max_finished_runs
         self._runs: dict[str, _Run] = {}
         self._finished: OrderedDict[str, float] = OrderedDict()  # run id -> expiry (monotonic)
-        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._tombstones: OrderedDict[str, str | None] = OrderedDict()  # run id -> its subject
         self._active: dict[str, str] = {}  # chat id -> run id
+        self._running: dict[str, set[str]] = {}  # subject -> ids of its running runs
+        self._usage: dict[tuple[str, int], int] = {}  # (subject, window number) -> tokens
         self._idempotency: dict[str, str] = {}  # key -> run id
         self._on_cancel: CancelCallback | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -109,12 +113,17 @@ class MemoryRunBackend(RunBackend):
         return True
 
     async def create_run(  # noqa: D102
-        self, record: RunRecord, *, idempotency_key: str | None = None
+        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
     ) -> tuple[RunRecord, bool]:
         if idempotency_key is not None and (existing := self._idempotency.get(idempotency_key)):
             return await self.get_run(existing), False
         if active := self._active.get(record.chat_id):
             raise ChatBusyError(active)
+        if record.subject is not None:
+            running = self._running.setdefault(record.subject, set())
+            if max_active and len(running) >= max_active:
+                raise TooManyRunsError(record.subject)
+            running.add(record.id)
         record = msgspec.structs.replace(record, owner=self.instance_id)
         self._runs[record.id] = _Run(record, idempotency_key)
         self._active[record.chat_id] = record.id
@@ -158,6 +167,11 @@ class MemoryRunBackend(RunBackend):
         )
         if self._active.get(run.record.chat_id) == run.record.id:
             del self._active[run.record.chat_id]
+        subject = run.record.subject
+        if subject is not None and (running := self._running.get(subject)) is not None:
+            running.discard(run.record.id)
+            if not running:
+                del self._running[subject]
         self._finished[run.record.id] = time.monotonic() + self._retention_s
         while len(self._finished) > self._max_finished:
             self._expire(next(iter(self._finished)))
@@ -201,12 +215,24 @@ class MemoryRunBackend(RunBackend):
         run.readers = max(0, run.readers - 1)
         return run.readers
 
+    async def add_usage(self, subject: str, tokens: int, window_s: float) -> None:  # noqa: D102
+        window = int(time.time() // window_s)
+        key = (subject, window)
+        self._usage[key] = self._usage.get(key, 0) + tokens
+        if len(self._usage) > _USAGE_KEPT:  # drop past windows
+            self._usage = {k: v for k, v in self._usage.items() if k[1] >= window}
+
+    async def usage(self, subject: str, window_s: float) -> tuple[int, float]:  # noqa: D102
+        now = time.time()
+        window = int(now // window_s)
+        return self._usage.get((subject, window), 0), (window + 1) * window_s - now
+
     def _get(self, run_id: str) -> _Run:
         run = self._runs.get(run_id)
         if run is not None:
             return run
         if run_id in self._tombstones:
-            raise RunExpiredError(run_id)
+            raise RunExpiredError(run_id, self._tombstones[run_id])
         raise RunNotFoundError(run_id)
 
     def _expire(self, run_id: str) -> None:
@@ -214,7 +240,7 @@ class MemoryRunBackend(RunBackend):
         run = self._runs.pop(run_id, None)
         if run is not None and run.idempotency_key is not None:
             self._idempotency.pop(run.idempotency_key, None)
-        self._tombstones[run_id] = None
+        self._tombstones[run_id] = None if run is None else run.record.subject
         while len(self._tombstones) > _TOMBSTONES:
             self._tombstones.popitem(last=False)
 

@@ -4,11 +4,14 @@ Key layout (``P`` is the configured prefix)::
 
     P:run:{id}            hash    the RunRecord fields (+ ``idempotency_key``: the idem key's name)
     P:run:{id}:log        stream  one entry per event: id ``{seq}-0``, field ``e`` = event JSON
-    P:run:{id}:expired    string  tombstone, written at the end (TTL retention + 1 day): 410, not 404
+    P:run:{id}:expired    string  tombstone, written at the end (TTL retention + 1 day): 410, not 404;
+                                  holds the run's subject, so only its owner learns the run existed
     P:run:{id}:readers    string  attached readers, across instances
     P:run:{id}:cancel     string  the last cancel reason (read by the owner's heartbeat)
     P:chat:{chat_id}:active string the chat's active run id
     P:idem:{key}          string  run id created for an idempotency key
+    P:subject:{s}:running set     ids of the subject's runs, for its limit of running runs (pruned on create)
+    P:usage:{s}:{window}  string  tokens the subject used in one budget window
     P:instance:{id}       string  owner liveness, refreshed every owner_ttl_s / 3
     P:cancel              pub/sub channel, JSON ``{"run_id", "reason"}``
 
@@ -75,6 +78,7 @@ from service.runs.base import (
     RunExpiredError,
     RunNotFoundError,
     RunRecord,
+    TooManyRunsError,
 )
 from service.runs.memory import terminal_message_id, terminal_status
 
@@ -92,7 +96,8 @@ _READERS_TTL_S: Final = 86_400.0
 _CANCEL_TTL_S: Final = 3_600.0
 _IDEM_FIELD: Final = "idempotency_key"
 
-# KEYS: chat, record, idem. ARGV: run id, use idem ("1"/"0"), record field/value pairs...
+# KEYS: chat, record, idem, the subject's running set. ARGV: run id, use idem ("1"/"0"), the most running
+# runs of the subject ("0": no limit, or no subject), prefix of record keys, record field/value pairs...
 _CREATE_LUA = """
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -101,9 +106,23 @@ end
 local active = redis.call('GET', KEYS[1])
 if active then return {'busy', active} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'duplicate', ARGV[1]} end
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  local running = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    if redis.call('HGET', ARGV[4] .. id, 'status') == 'running' then
+      running = running + 1
+    else
+      redis.call('SREM', KEYS[4], id)
+    end
+  end
+  if running >= limit then return {'too_many', tostring(running)} end
+  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('PEXPIRE', KEYS[4], 86400000)
+end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 return {'created', ARGV[1]}
 """
 
@@ -123,8 +142,10 @@ local chat = ARGV[12] .. ':chat:' .. redis.call('HGET', KEYS[1], 'chat_id') .. '
 if redis.call('GET', chat) == ARGV[1] then redis.call('DEL', chat) end
 local idem = redis.call('HGET', KEYS[1], 'idempotency_key')
 if idem then redis.call('PEXPIRE', idem, ARGV[9]) end
+local subject = redis.call('HGET', KEYS[1], 'subject')
+if subject then redis.call('SREM', ARGV[12] .. ':subject:' .. subject .. ':running', ARGV[1]) end
 for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4], KEYS[5]}) do redis.call('PEXPIRE', key, ARGV[9]) end
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[10])
+redis.call('SET', KEYS[3], subject or '', 'PX', ARGV[10])
 return 1
 """
 
@@ -179,6 +200,12 @@ class _Keys:
 
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
+
+    def running(self, subject: str) -> str:
+        return f"{self.prefix}:subject:{subject}:running"
+
+    def usage(self, subject: str, window: int) -> str:
+        return f"{self.prefix}:usage:{subject}:{window}"
 
     def instance(self, instance_id: str) -> str:
         return f"{self.prefix}:instance:{instance_id}"
@@ -315,14 +342,14 @@ class RedisRunBackend(RunBackend):
 
     @_bounded
     async def create_run(  # noqa: D102
-        self, record: RunRecord, *, idempotency_key: str | None = None
+        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
     ) -> tuple[RunRecord, bool]:
         if not self._tasks:
             raise RuntimeError("RedisRunBackend.start() must run before create_run (owner liveness)")
         record = msgspec.structs.replace(record, owner=self.instance_id)
-        outcome, run_id = await self._try_create(record, idempotency_key)
+        outcome, run_id = await self._try_create(record, idempotency_key, max_active)
         if outcome == "busy" and await self._fail_if_owner_lost(run_id):
-            outcome, run_id = await self._try_create(record, idempotency_key)
+            outcome, run_id = await self._try_create(record, idempotency_key, max_active)
         match outcome:
             case "created":
                 self._seqs[record.id] = 0
@@ -331,13 +358,22 @@ class RedisRunBackend(RunBackend):
                 return await self.get_run(run_id), False
             case "busy":
                 raise ChatBusyError(run_id)
+            case "too_many":
+                raise TooManyRunsError(record.subject)
             case _:
                 raise ValueError(f"run {run_id} already exists")
 
-    async def _try_create(self, record: RunRecord, idempotency_key: str | None) -> tuple[str, str]:
+    async def _try_create(self, record: RunRecord, idempotency_key: str | None, max_active: int) -> tuple[str, str]:
         idem = self._keys.idem(idempotency_key) if idempotency_key is not None else ""
-        keys = [self._keys.chat(record.chat_id), self._keys.record(record.id), idem or self._keys.idem("")]
-        args = [record.id, "1" if idem else "0", *_record_fields(record, idem or None)]
+        subject = record.subject
+        keys = [
+            self._keys.chat(record.chat_id),
+            self._keys.record(record.id),
+            idem or self._keys.idem(""),
+            self._keys.running(subject or ""),
+        ]
+        limit = max_active if subject is not None else 0
+        args = [record.id, "1" if idem else "0", limit, self._keys.record(""), *_record_fields(record, idem or None)]
         outcome, run_id = cast("list[bytes]", await self._create_script(keys=keys, args=args))
         return outcome.decode(), run_id.decode()
 
@@ -345,11 +381,13 @@ class RedisRunBackend(RunBackend):
     async def get_run(self, run_id: str) -> RunRecord:  # noqa: D102
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._keys.record(run_id))  # pyright: ignore[reportUnusedCallResult]
-            pipe.exists(self._keys.tombstone(run_id))  # pyright: ignore[reportUnusedCallResult]
+            pipe.get(self._keys.tombstone(run_id))  # pyright: ignore[reportUnusedCallResult]
             pipe.xrevrange(self._keys.log(run_id), count=1)  # pyright: ignore[reportUnusedCallResult]
-            raw, expired, top = cast("tuple[dict[bytes, bytes], int, list[Any]]", await pipe.execute())
+            raw, tombstone, top = cast("tuple[dict[bytes, bytes], bytes | None, list[Any]]", await pipe.execute())
         if not raw:
-            raise RunExpiredError(run_id) if expired else RunNotFoundError(run_id)
+            if tombstone is None:
+                raise RunNotFoundError(run_id)
+            raise RunExpiredError(run_id, _text(tombstone) or None)
         record = _decode_record(raw)
         if record.finished_at is None and top:
             record = msgspec.structs.replace(record, last_seq=_seq_of(top[0][0]))
@@ -595,3 +633,20 @@ class RedisRunBackend(RunBackend):
     @_bounded
     async def detach(self, run_id: str) -> int:  # noqa: D102
         return int(await self._detach_script(keys=[self._keys.readers(run_id)]))
+
+    # -- token budgets -----------------------------------------------------------------
+
+    @_bounded
+    async def add_usage(self, subject: str, tokens: int, window_s: float) -> None:  # noqa: D102
+        key = self._keys.usage(subject, int(time.time() // window_s))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, tokens)  # pyright: ignore[reportUnusedCallResult]
+            pipe.pexpire(key, _ms(2 * window_s))  # pyright: ignore[reportUnusedCallResult]
+            await pipe.execute()
+
+    @_bounded
+    async def usage(self, subject: str, window_s: float) -> tuple[int, float]:  # noqa: D102
+        now = time.time()
+        window = int(now // window_s)
+        used = await self._redis.get(self._keys.usage(subject, window))
+        return int(used or 0), (window + 1) * window_s - now

@@ -29,10 +29,11 @@ from service.store.base import Message, MessageStatus, ToolCallRecord, UsageReco
 class Transcript:
     """The messages of one run, built event by event."""
 
-    def __init__(self, *, chat_id: str, run_id: str, message_id: str) -> None:
+    def __init__(self, *, chat_id: str, run_id: str, message_id: str, owner: str | None = None) -> None:
         self.chat_id = chat_id
         self.run_id = run_id
         self.message_id = message_id
+        self.owner = owner
         self._done: list[Message] = []
         self._text: list[str] = []
         self._reasoning: list[str] = []
@@ -40,6 +41,11 @@ class Transcript:
         self._calls: list[ToolCallRecord] = []
         self._output: Any = None
         self._usage: UsageRecord | None = None
+
+    @property
+    def usage(self) -> UsageRecord | None:
+        """The run's token usage so far (summed over its turns), once the upstream reported it."""
+        return self._usage
 
     def add(self, event: AnyEvent) -> None:
         """Take one event into account."""
@@ -109,6 +115,33 @@ class Transcript:
             usage=self._usage,
         )
         return [*self._done, final]
+
+
+def _size(message: Message) -> int:
+    """Characters a stored message adds to the model's input (text, image URLs, tool arguments)."""
+    content = message.content
+    if isinstance(content, str):
+        size = len(content)
+    elif content is None:
+        size = 0
+    else:
+        size = sum(len(str(part.get("text") or part.get("image_url") or "")) for part in content)
+    return size + sum(len(call.arguments) for call in message.tool_calls or ())
+
+
+def recent(messages: list[Message], max_chars: int) -> list[Message]:
+    """The newest messages that fit in ``max_chars``, starting at a user message (so no tool result is orphaned).
+
+    The newest user message is always kept (its own length is capped when it is accepted).
+    """
+    total, start = 0, len(messages)
+    for index in range(len(messages) - 1, -1, -1):
+        total += _size(messages[index])
+        if total > max_chars and start < len(messages):
+            break
+        if messages[index].role == "user":
+            start = index
+    return messages[start:] if start < len(messages) else messages
 
 
 def openai_history(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:

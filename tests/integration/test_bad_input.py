@@ -71,7 +71,6 @@ async def test_bodies_that_are_not_a_json_object_are_400(service: Service, raw: 
         ({"message": []}, "message"),
         ({"message": [{"type": "audio", "data": "x"}]}, "message"),
         ({"message": [{"type": "text"}]}, "text"),
-        ({"message": "x" * 100_001}, "message"),
         ({"message": "hi", "model": 3}, "model"),
         ({"message": "hi", "on_disconnect": "explode"}, "on_disconnect"),
         ({"message": "hi", "tools": [None]}, "tools"),

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hypothesis
+import jwt
 import pytest
 import schemathesis
 from schemathesis import checks
@@ -44,8 +46,14 @@ CHECKS = [
     checks.response_schema_conformance,
     checks.response_headers_conformance,
     checks.negative_data_rejection,
+    checks.ignored_auth,
 ]
 CASES: dict[str, int] = {}
+SECRET = "schemathesis-signing-secret-0123456789abcdef"
+AUDIENCE = "chat-service-fuzz"
+TOKEN = jwt.encode({"sub": "fuzzer", "aud": AUDIENCE, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+"""The service under fuzz runs with auth on, so `ignored_auth` and the missing-header cases mean something."""
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 pytestmark = [pytest.mark.xdist_group("schemathesis"), pytest.mark.slow, pytest.mark.timeout(240)]
@@ -65,6 +73,7 @@ def _config(base_url: str | None = None) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict(
         {
             **({"base-url": base_url} if base_url else {}),
+            "headers": AUTH,
             "request-timeout": 10,
             "generation": {
                 "max-examples": MAX_EXAMPLES,
@@ -87,6 +96,10 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
             "SERVICE_DEMO_TOKEN_DELAY_MS": "0",
             "SERVICE_LOG_LEVEL": "warning",
+            "SERVICE_AUTH": "jwt",
+            "SERVICE_JWT_SECRET": SECRET,
+            "SERVICE_JWT_AUDIENCE": AUDIENCE,
+            "SERVICE_RATE_LIMIT_PER_MINUTE": "0",  # the fuzzer is one subject making thousands of requests
         }
     )
     asyncio.run(service.start())
@@ -162,21 +175,22 @@ def test_sse_events_conform_per_event(live_url: str) -> None:
     stream = api["/v1/runs/{run_id}/events"]["GET"]
     before = CASES.get("SSE events validated", 0)
     for i in range(SSE_RUNS):
-        chat = create_chat.Case(body={}).call_and_validate(checks=CHECKS)
+        chat = create_chat.Case(body={}, headers=AUTH).call_and_validate(checks=CHECKS)
         assert chat.status_code == 201, chat.text
         chat_id = chat.json()["id"]
         if i % 2:  # request-bound SSE on the POST itself
             response = create_run.Case(
                 path_parameters={"chat_id": chat_id},
-                headers={"Accept": "text/event-stream"},
+                headers={"Accept": "text/event-stream", **AUTH},
                 body={"message": f"hello {i}"},
             ).call_and_validate(checks=CHECKS)
             assert response.status_code == 200, response.text
         else:  # 202, then the resumable stream
-            run = create_run.Case(path_parameters={"chat_id": chat_id}, body={"message": f"hello {i}"})
+            run = create_run.Case(path_parameters={"chat_id": chat_id}, body={"message": f"hello {i}"}, headers=AUTH)
             accepted = run.call_and_validate(checks=CHECKS)
             assert accepted.status_code == 202, accepted.text
-            response = stream.Case(path_parameters={"run_id": accepted.json()["id"]}).call_and_validate(checks=CHECKS)
+            run_id = accepted.json()["id"]
+            response = stream.Case(path_parameters={"run_id": run_id}, headers=AUTH).call_and_validate(checks=CHECKS)
             assert response.status_code in (200, 204), response.text
         CASES["SSE runs"] = CASES.get("SSE runs", 0) + 1
     assert CASES.get("SSE events validated", 0) > before

@@ -79,7 +79,9 @@ async def serve(app: Any, **uvicorn_config: Any) -> AsyncIterator[str]:
     """
     uvicorn_config.setdefault("log_level", "warning")
     uvicorn_config.setdefault("lifespan", "on")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+    # a response written in two parts waits ~40 ms for the client's delayed ACK on a kept-alive connection.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     server = _TestServer(uvicorn.Config(app, **uvicorn_config))
