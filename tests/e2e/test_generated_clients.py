@@ -1,5 +1,8 @@
 """Clients generated from the committed openapi/openapi.json drive the live service (Python and TypeScript).
 
+The service runs with auth on: the clients send the bearer token the way their generators provide
+(openapi-python-client's ``AuthenticatedClient``, the TypeScript client's ``auth`` callback).
+
 The generated code is not committed: the Python client goes to a temporary directory, the TypeScript one to
 tests/e2e/generated/ts/ (git-ignored), with node_modules kept in tests/e2e/ts_client/ between runs.
 """
@@ -19,12 +22,14 @@ from typing import Any
 
 import pytest
 
+from tests.support.auth import AUDIENCE, SECRET, hs256
 from tests.support.live_server import REPO_ROOT, ServiceProcess
 
 SPEC = REPO_ROOT / "openapi" / "openapi.json"
 TS_DIR = REPO_ROOT / "tests" / "e2e" / "ts_client"
 TS_OUT = REPO_ROOT / "tests" / "e2e" / "generated" / "ts"
 PACKAGE = "chat_service_client"
+TOKEN = hs256("client-user", iss=None)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,7 +37,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     db = tmp_path_factory.mktemp("clients") / "chat.db"
-    service = ServiceProcess({"SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{db}", "SERVICE_DEMO_TOKEN_DELAY_MS": "20"})
+    service = ServiceProcess(
+        {
+            "SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+            "SERVICE_DEMO_TOKEN_DELAY_MS": "20",
+            "SERVICE_AUTH": "jwt",
+            "SERVICE_JWT_SECRET": SECRET,
+            "SERVICE_JWT_AUDIENCE": AUDIENCE,
+        }
+    )
     asyncio.run(service.start())
     try:
         yield service.url
@@ -79,7 +92,12 @@ def test_python_client_drives_a_run(python_client: Any, live_url: str) -> None:
     for name in ("get_run", "cancel_run"):
         importlib.import_module(f"{PACKAGE}.api.runs.{name}")
 
-    with python_client.Client(base_url=live_url, raise_on_unexpected_status=True, timeout=None) as client:
+    anonymous = python_client.Client(base_url=live_url)
+    refused = chats.create_chat.sync_detailed(client=anonymous, body=models.ChatCreate(model="demo"))
+    assert refused.status_code == 401
+
+    token = {"token": TOKEN, "raise_on_unexpected_status": True, "timeout": None}
+    with python_client.AuthenticatedClient(base_url=live_url, **token) as client:
         chat = chats.create_chat.sync_detailed(client=client, body=models.ChatCreate(model="demo"))
         assert chat.status_code == 201, chat.content
         assert isinstance(chat.parsed, models.ChatOut)
@@ -146,6 +164,6 @@ def test_typescript_client_streams_and_resumes(live_url: str) -> None:
     _run([openapi_ts, "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
     assert (TS_OUT / "sdk.gen.ts").exists()
     tsx = str(TS_DIR / "node_modules" / ".bin" / "tsx")
-    output = _run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url})
+    output = _run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN})
     assert output.startswith("OK:"), output
     print(output)

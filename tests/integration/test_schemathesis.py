@@ -194,3 +194,64 @@ def test_sse_events_conform_per_event(live_url: str) -> None:
             assert response.status_code in (200, 204), response.text
         CASES["SSE runs"] = CASES.get("SSE runs", 0) + 1
     assert CASES.get("SSE events validated", 0) > before
+
+
+STRANGER = {
+    "Authorization": "Bearer "
+    + jwt.encode({"sub": "stranger", "aud": AUDIENCE, "exp": int(time.time()) + 3600}, SECRET)
+}
+"""Another subject: on the fuzzer's chats and runs it must find exactly what an unknown id finds."""
+
+
+def test_a_foreign_subjects_ids_give_only_404(live_url: str) -> None:
+    """Schemathesis' positive cases of every operation with an id, on the fuzzer's ids, as another subject.
+
+    Each answer equals, byte for byte but for the id, the answer to the same case with an unknown id: 404,
+    or the same 400/422 when the generated body is refused before any id is looked at.
+    """
+    api = schemathesis.openapi.from_path(SPEC, config=_config(live_url))
+    chat = api["/v1/chats"]["POST"].Case(body={}, headers=AUTH).call()
+    chat_id = chat.json()["id"]
+    run = (
+        api["/v1/chats/{chat_id}/runs"]["POST"]
+        .Case(path_parameters={"chat_id": chat_id}, body={"message": "mine"}, headers=AUTH)
+        .call()
+    )
+    ids = {"chat_id": chat_id, "run_id": run.json()["id"]}
+    unknown = {"chat_id": "0" * 32, "run_id": "f" * 32}
+    seen: dict[str, set[int]] = {}
+    for result in api.get_all_operations():
+        operation = result.ok()
+        names = {p.name for p in operation.path_parameters}
+        if not names:
+            continue
+        strategy = operation.as_strategy(path_parameters={n: ids[n] for n in names}, headers=STRANGER)
+
+        @hypothesis.given(case=strategy)
+        @hypothesis.settings(max_examples=10, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+        def probe(case: Any) -> None:
+            case.headers = {**(case.headers or {}), **STRANGER}
+            theirs = case.call()
+            case.path_parameters = {n: unknown[n] for n in case.path_parameters}
+            other = case.call()
+            assert theirs.status_code == other.status_code, (case.operation.label, theirs.text, other.text)
+            text = theirs.text
+            for name, value in ids.items():
+                text = text.replace(value, unknown[name])
+            assert text == other.text
+            seen.setdefault(case.operation.label, set()).add(theirs.status_code)
+
+        probe()
+    assert len(seen) == 8, seen  # every operation on a chat or a run
+    # 401: a generated ?token= (the stream-token scheme) that is no token; the same for an unknown id
+    assert all(statuses <= {400, 401, 404, 422} for statuses in seen.values()), json.dumps(
+        {k: sorted(v) for k, v in seen.items()}
+    )
+    assert sum(404 in statuses for statuses in seen.values()) >= 7, seen
+    start = api["/v1/chats/{chat_id}/runs"]["POST"].Case(
+        path_parameters={"chat_id": chat_id}, body={"message": "theirs"}, headers=STRANGER
+    )
+    assert start.call().status_code == 404
+    owner_view = api["/v1/chats/{chat_id}"]["GET"].Case(path_parameters={"chat_id": chat_id}, headers=AUTH).call()
+    assert owner_view.status_code == 200  # and the fuzzer's chat is still there

@@ -1,7 +1,7 @@
 /**
  * Drives the live service with the TypeScript client generated from openapi/openapi.json.
  *
- * Usage: SERVICE_URL=http://127.0.0.1:PORT tsx e2e.ts
+ * Usage: SERVICE_URL=http://127.0.0.1:PORT SERVICE_TOKEN=<bearer JWT> tsx e2e.ts
  * Creates a chat, starts a run (202), follows `events_url` over SSE with the generated SDK, cuts the
  * stream after a few events, resumes with `Last-Event-ID`, and checks the seqs are exactly 1..N with
  * no gap or duplicate and that the last event is `run.completed`. Exits non-zero on any failure.
@@ -13,6 +13,7 @@ import type { CreateRunResponses, RunOut, StreamRunEventsResponses } from '../ge
 type Event = StreamRunEventsResponses[200];
 
 const baseUrl = process.env.SERVICE_URL;
+const token = process.env.SERVICE_TOKEN;
 const CUT_AFTER = 3;
 
 function fail(message: string): never {
@@ -46,7 +47,12 @@ function isTerminal(event: Event): boolean {
 
 async function main(): Promise<void> {
   if (!baseUrl) fail('SERVICE_URL is not set');
+  if (!token) fail('SERVICE_TOKEN is not set');
   client.setConfig({ baseUrl });
+  const refused = await createChat({ body: { model: 'demo' } });
+  if (refused.response.status !== 401) fail(`without a token: ${refused.response.status}, not 401`);
+  // The generated SDK sends the token on every operation whose security names the bearer scheme.
+  client.setConfig({ baseUrl, auth: (auth) => (auth.scheme === 'bearer' ? token : undefined) });
 
   const chat = await createChat({ body: { model: 'demo' } });
   if (chat.response.status !== 201 || !chat.data) fail(`create chat: ${chat.response.status}`);
@@ -59,6 +65,7 @@ async function main(): Promise<void> {
     path: { chat_id: chatId },
     body: { message: 'Tell me a story about typed events.' },
     headers: { 'Content-Type': 'application/json' },
+    security: [{ scheme: 'bearer', type: 'http' }],
   });
   if (started.response.status !== 202 || !started.data) fail(`start run: ${started.response.status}`);
   const run = started.data as RunOut;
