@@ -31,6 +31,7 @@ from litestar.handlers import BaseRouteHandler
 from service import errors, metrics
 from service.api.auth import BEARER, STREAM_TOKEN_OPT
 from service.api.schemas import InvalidBodyError, RunCreate, run_options
+from service.api.ws_protocol import MAX_MESSAGE_BYTES
 from service.events import AnyEvent, ws_frame
 from service.metrics import SKIP_HTTP_METRICS
 from service.runs.manager import RunManager
@@ -105,6 +106,7 @@ ServerFrame = RunAccepted | RunResumed | Pong | ErrorFrame
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 RATE_LIMIT_CLOSE = 1008
+MESSAGE_TOO_BIG_CLOSE = 1009
 
 
 def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -141,20 +143,33 @@ class _Session:
 
     async def serve(self) -> None:
         try:
-            while True:
-                message = await self.socket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                if not self._take_token():
-                    await self.socket.close(RATE_LIMIT_CLOSE, "too many frames")
-                    return
-                await self._handle(message.get("text"))
+            while await self._next_frame():
+                pass
         except WebSocketDisconnect:
             return
         finally:
             for task in [*self.followers.values(), *self.tasks]:
                 task.cancel()
             await asyncio.gather(*self.followers.values(), *self.tasks, return_exceptions=True)
+
+    async def _next_frame(self) -> bool:
+        """Receive and handle one frame; False once the socket is done.
+
+        A function of its own so that nothing holds the frame while the socket waits for the next one:
+        in a loop, the last frame (up to the transport's 1 MiB) stayed bound to a local of every idle socket.
+        """
+        message = await self.socket.receive()
+        if message["type"] == "websocket.disconnect":
+            return False
+        if not self._take_token():
+            await self.socket.close(RATE_LIMIT_CLOSE, "too many frames")
+            return False
+        text = message.get("text")
+        if text is not None and len(text) > MAX_MESSAGE_BYTES:  # a server run with a larger --ws-max-size
+            await self.socket.close(MESSAGE_TOO_BIG_CLOSE, "message too big")
+            return False
+        await self._handle(text)
+        return True
 
     def _take_token(self) -> bool:
         now = time.monotonic()

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio
 import websockets
 
+from service.api.ws_protocol import WebSocketProtocol
 from service.app import create_app
 from service.settings import Settings
 from tests.support.live_server import serve
@@ -99,7 +100,12 @@ async def make_service(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncItera
 
     async def start(uvicorn: dict[str, Any] | None = None, **overrides: Any) -> Service:
         settings = service_settings(tmp_path, upstream, **overrides)
-        options = {"ws_max_size": 1024 * 1024, "ws_per_message_deflate": False, **(uvicorn or {})}
+        options = {
+            "ws": WebSocketProtocol,
+            "ws_max_size": 1024 * 1024,
+            "ws_per_message_deflate": False,
+            **(uvicorn or {}),
+        }
         server = serve(create_app(settings), **options)
         url = await server.__aenter__()
         stack.append(server)

@@ -149,7 +149,8 @@ class ServiceProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.command = [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else [])]
-        self.command += ["--host", "127.0.0.1", "--port", str(self.port), "--ws-max-size", "1048576", *extra_args]
+        self.command += ["--host", "127.0.0.1", "--port", str(self.port), "--ws-max-size", "1048576"]
+        self.command += ["--ws", "service.api.ws_protocol:WebSocketProtocol", *extra_args]  # as in the README
         self.startup_timeout = startup_timeout
         self.health_path = health_path
         self.cwd = cwd

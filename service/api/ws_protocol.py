@@ -1,0 +1,108 @@
+"""The WebSocket protocol the service runs under uvicorn: websockets-sansio, bounded against hostile peers.
+
+``python -m service`` uses it, and so does the README's production command
+(``uvicorn ... --ws service.api.ws_protocol:WebSocketProtocol``). It is uvicorn's own
+``WebSocketsSansIOProtocol`` with five intentional divergences, each measured by
+``tests/integration/test_ws_hostile.py``:
+
+1. **A message cap whatever ``--ws-max-size`` says.** A message over :data:`MAX_MESSAGE_BYTES` (1 MiB)
+   is closed with 1009 while it is read; uvicorn's default would buffer up to 16 MiB first.
+2. **A frame's payload is let go once its message is queued for the app.** websockets' parser is a
+   generator whose local still names the last frame while it waits for the next one, so every idle
+   socket kept its last message's bytes (1 MB frames on 100 sockets: +104 MB).
+3. **Nothing of a closed connection waits for the cyclic GC.** The protocol, its parser generator
+   and the parser's exception (with its traceback) form reference cycles; the service raises the GC
+   thresholds (``service.app.tune_gc``), so a closed socket's buffers stayed until a rare full
+   collection. On ``connection_lost`` the parser is closed and the exception dropped.
+4. **Reading pauses while the write buffer is over its high-water mark.** A peer that sends pings
+   and never reads the pongs no longer grows the server's buffers: TCP pushes back on it instead.
+5. **A ping budget.** Past :data:`PING_BURST` pings, more than :data:`PINGS_PER_S` a second close the
+   socket with 1008 (policy violation): answering a flood of pings took the event loop from every
+   other stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+
+MAX_MESSAGE_BYTES: Final = 1024 * 1024
+"""The largest message the service reads (ACCEPTANCE W2: 1 MiB; larger ones close with 1009)."""
+PINGS_PER_S: Final = 10.0
+PING_BURST: Final = 50
+POLICY_VIOLATION: Final = 1008
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol with the divergences of the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limit = self.config.ws_max_size
+        self.conn.max_message_size = MAX_MESSAGE_BYTES if limit > MAX_MESSAGE_BYTES else limit  # divergence 1
+        self.writes_paused = False
+        self.ping_allowance = float(PING_BURST)
+        self.ping_refilled = time.monotonic()
+
+    # -- divergence 2 ------------------------------------------------------------------------
+
+    def handle_text(self, event: Frame) -> None:  # noqa: D102
+        super().handle_text(event)
+        event.data = b""
+
+    def handle_bytes(self, event: Frame) -> None:  # noqa: D102
+        super().handle_bytes(event)
+        event.data = b""
+
+    def handle_cont(self, event: Frame) -> None:  # noqa: D102
+        super().handle_cont(event)
+        event.data = b""
+
+    # -- divergence 3 ------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        super().connection_lost(exc)
+        self.conn.parser.close()
+        self.conn.parser_exc = None
+
+    # -- divergence 4 ------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:  # noqa: D102
+        super().pause_writing()
+        self.writes_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:  # noqa: D102
+        super().resume_writing()
+        self.writes_paused = False
+        if not self.read_paused:
+            self.transport.resume_reading()
+
+    async def receive(self) -> Any:  # noqa: D102 - uvicorn's, but reading stays paused while writes are
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self.writes_paused:
+                self.transport.resume_reading()
+        return message
+
+    # -- divergence 5 ------------------------------------------------------------------------
+
+    def handle_ping(self) -> None:  # noqa: D102
+        if self.close_sent:
+            return  # the rest of a flood that was already refused
+        now = time.monotonic()
+        self.ping_allowance = min(PING_BURST, self.ping_allowance + (now - self.ping_refilled) * PINGS_PER_S)
+        self.ping_refilled = now
+        self.ping_allowance -= 1
+        if self.ping_allowance < 0:
+            self.conn.send_close(POLICY_VIOLATION, "too many pings")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": POLICY_VIOLATION})
+            self.transport.close()
+            return
+        super().handle_ping()
