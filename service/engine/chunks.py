@@ -92,8 +92,10 @@ class SseDataDecoder:
 
     def feed(self, piece: bytes) -> list[bytes]:
         """The data of the events that ``piece`` completes."""
-        if self._skip_lf and piece.startswith(b"\n"):
-            piece = piece[1:]
+        if self._skip_lf:
+            self._skip_lf = False  # (also when that LF was the whole piece)
+            if piece.startswith(b"\n"):
+                piece = piece[1:]
         if not piece:
             return []
         self._skip_lf = piece.endswith(b"\r")

@@ -12,8 +12,10 @@ What it does:
 
 1. HTTP/1.1 to ``http://`` and ``https://`` URLs; ``content-length``, chunked and
    close-delimited response bodies.
-2. Keep-alive: a connection whose response was read to its end, and that the server lets live,
-   goes back to a per-origin idle list (at most ``max_idle_per_origin``); idle connections expire
+2. Keep-alive: a connection whose response was read to its end by its reader, and that the server
+   lets live, goes back to a per-origin idle list (httpcore's rule: a response closed unread, as the
+   SDK closes an error response it retries, closes its connection; reusing it once fed the unread
+   error body to the next response, whose first event was lost) (at most ``max_idle_per_origin``); idle connections expire
    after ``keepalive_expiry``. A request on a reused connection that the server closed meanwhile
    is retried once on a new one.
 3. Timeouts from the request's ``timeout`` extension (the SDK sets it): ``connect`` bounds the
@@ -64,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._complete = False
+        self._drained = False  # the reader got the end of the body
         self._keep_alive = False
         self._received_any = False
         self._error: Exception | None = None
@@ -125,6 +128,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None  # noqa: S101 - set by connection_made before this is reachable
         self._parser = httptools.HttpResponseParser(self)
         self._status, self._headers, self._head_done, self._complete = 0, [], False, False
+        self._body, self._buffered, self._drained = [], 0, False  # (a reused connection has read its last to the end)
         self._received_any = False
         self._read_timeout = read_timeout
         self._last_read = self.loop.time()
@@ -154,6 +158,7 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             if self._complete:
+                self._drained = True
                 return None
             # (not ``self._wait()``: one coroutine frame fewer on the path of every streamed read)
             self._waiter = self.loop.create_future()
@@ -164,7 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         """Whether the response was read to its end and the connection may carry another request."""
-        return self._complete and self._keep_alive and self._error is None and not self.closed
+        return self._drained and self._keep_alive and self._error is None and not self.closed
 
     def failed_before_response(self) -> bool:
         """Whether the connection broke before any byte of the response (a stale keep-alive connection)."""

@@ -351,7 +351,8 @@ async def _respond(send: Send, code: int, body: Any, headers: Mapping[str, str] 
     headers = {"content-type": "application/json", **(headers or {})}
     pairs = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": code, "headers": pairs})
-    await send({"type": "http.response.body", "body": msgspec.json.encode(body)})
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body)  # bytes: sent as they are
+    await send({"type": "http.response.body", "body": data})
 
 
 def _usage(step: UsageChunk) -> dict[str, int]:

@@ -15,18 +15,18 @@ newlines = st.sampled_from([b"\n", b"\r\n", b"\r"])
 
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
-    """A wire of events (multi-line data, comments, other fields, any line ending) and their data."""
+    """A wire of events (multi-line data, comments, other fields, a line ending of its own per line) and their data."""
     wire, expected = b"", []
     for _ in range(draw(st.integers(min_value=1, max_value=5))):
         lines = draw(st.lists(line_text, min_size=1, max_size=3))
-        nl = draw(newlines)
         if draw(st.booleans()):
-            wire += b": keep-alive" + nl
+            wire += b": keep-alive" + draw(newlines)
         if draw(st.booleans()):
-            wire += b"id: 7" + nl
+            wire += b"id: 7" + draw(newlines)
         for line in lines:
-            wire += b"data: " + line.encode() + nl
-        wire += nl
+            wire += b"data: " + line.encode() + draw(newlines)
+        # The blank line: after a CR, a LF would only complete that CR's line ending (CRLF is one).
+        wire += b"\r" if wire.endswith(b"\r") else draw(newlines)
         expected.append(b"\n".join(line.encode() for line in lines))
     return wire, expected
 
@@ -52,3 +52,11 @@ def test_done_and_fields_without_space() -> None:
 
     assert decoder.feed(b'data:{"a":1}\n\ndata: [DONE]\r\n\r\n') == [b'{"a":1}', b"[DONE]"]
     assert decoder.close() == []
+
+
+def test_a_cr_then_lf_alone_in_their_reads_end_one_line_not_two() -> None:
+    """A LF read on its own after a CR completes that line ending; the next LF is the blank line."""
+    decoder = SseDataDecoder()
+    reads = [b"data: a\r", b"\n", b"\n", b"data: b\n\n"]
+
+    assert [d for piece in reads for d in decoder.feed(piece)] == [b"a", b"b"]
