@@ -92,8 +92,8 @@ class SseDataDecoder:
 
     def feed(self, piece: bytes) -> list[bytes]:
         """The data of the events that ``piece`` completes."""
-        if self._skip_lf:
-            self._skip_lf = False  # (also when that LF was the whole piece)
+        if self._skip_lf and piece:
+            self._skip_lf = False  # (also when that LF is the whole piece)
             if piece.startswith(b"\n"):
                 piece = piece[1:]
         if not piece:

@@ -13,11 +13,11 @@ What it does:
 1. HTTP/1.1 to ``http://`` and ``https://`` URLs; ``content-length``, chunked and
    close-delimited response bodies.
 2. Keep-alive: a connection whose response was read to its end by its reader, and that the server
-   lets live, goes back to a per-origin idle list (httpcore's rule: a response closed unread, as the
-   SDK closes an error response it retries, closes its connection; reusing it once fed the unread
-   error body to the next response, whose first event was lost) (at most ``max_idle_per_origin``); idle connections expire
-   after ``keepalive_expiry``. A request on a reused connection that the server closed meanwhile
-   is retried once on a new one.
+   lets live, goes back to a per-origin idle list (at most ``max_idle_per_origin``); idle
+   connections expire after ``keepalive_expiry``. A response closed unread (the SDK closes an error
+   response it retries without reading it) closes its connection, as httpcore does: reusing it once
+   fed the unread error body to the next response, whose first event was lost. A request on a
+   reused connection that the server closed meanwhile is retried once on a new one.
 3. Timeouts from the request's ``timeout`` extension (the SDK sets it): ``connect`` bounds the
    TCP (and TLS) set-up (``httpx2.ConnectTimeout``); ``read`` bounds the time without a byte from
    the upstream while a response is due (``httpx2.ReadTimeout``). ``write`` and ``pool`` have no
