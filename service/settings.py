@@ -107,7 +107,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_content_parts: int = 64
     """Content parts (text and images) one user message may have."""
     max_history_chars: int = 1_000_000
-    """Characters of a chat's history resent to the model each turn; a longer chat answers 422."""
+    """Characters of a chat's history sent to the model each turn: older turns beyond it are left out."""
+    schema_max_bytes: int = 131_072
+    """Largest ``response_format`` JSON schema, encoded."""
+    schema_max_depth: int = 20
+    """Levels of nested subschemas in a ``response_format`` schema."""
+    schema_max_properties: int = 5_000
+    """Object properties in a ``response_format`` schema, in all."""
+    schema_max_enum_values: int = 1_000
+    """Enum values in a ``response_format`` schema, in all."""
+    schema_max_string_chars: int = 120_000
+    """Characters of property names, enum and const values in a ``response_format`` schema, in all."""
+    demo: bool | None = None
+    """Serve the offline ``demo`` model; default: only when no upstream is configured."""
 
     max_message_chars: int = 100_000
     """Longest user message accepted."""
@@ -159,6 +171,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "token_budget_window_s",
             "max_content_parts",
             "max_history_chars",
+            "schema_max_bytes",
+            "schema_max_depth",
+            "schema_max_properties",
+            "schema_max_enum_values",
+            "schema_max_string_chars",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -171,7 +188,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError(
                 "invalid setting: SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot be negative"
             )
+        if not self.demo_enabled and self.default_model == "demo":
+            raise SettingsError(
+                "SERVICE_DEFAULT_MODEL is demo but the demo model is off (an upstream is configured): name one of "
+                "the upstream's models (provider/model), or set SERVICE_DEMO=true"
+            )
         self._check_auth()
+
+    @property
+    def demo_enabled(self) -> bool:
+        """Whether the ``demo`` model is served: as configured, else only without an upstream."""
+        if self.demo is not None:
+            return self.demo
+        return not (self.openai_base_url or self.providers)
 
     def _check_auth(self) -> None:
         if not 0 <= self.jwt_leeway_s <= 30:

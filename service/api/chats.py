@@ -60,12 +60,13 @@ class ChatController(Controller):
         providers: NamedDependency[ProviderRegistry],
         tool_catalog: NamedDependency[ToolCatalog],
         runs: NamedDependency[RunManager],
+        settings: NamedDependency[Settings],
         principal: NamedDependency[Principal],
     ) -> ChatOut:
         """Create a chat. Its fields become the defaults of its runs. The caller owns it."""
         try:
             model, _, _ = providers.resolve(data.model)
-            response_format = response_format_dict(data.response_format)
+            response_format = response_format_dict(data.response_format, settings)
             tool_catalog.check(data.tools, data.mcp_servers)
         except UnknownModelError as exc:
             raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import jsonschema
 import msgspec
 
 from service import errors
+from service.engine.json_schema import SchemaError, SchemaLimits, check_schema
 from service.runs.base import OnDisconnect, RunRecord, RunStatus
 from service.runs.manager import RunOptions
 from service.settings import Settings
@@ -147,17 +147,27 @@ class InvalidBodyError(ValueError):
         self.field = field
 
 
-def response_format_dict(value: ResponseFormat | None) -> dict[str, Any] | None:
-    """The OpenAI ``response_format`` to send upstream, after checking the schema is a JSON schema."""
+def response_format_dict(value: ResponseFormat | None, settings: Settings) -> dict[str, Any] | None:
+    """The OpenAI ``response_format`` to send upstream, after checking its schema (``service.engine.json_schema``)."""
     if value is None or isinstance(value, TextFormat):
         return None
     if isinstance(value, JsonSchemaFormat):
         try:
-            jsonschema.Draft202012Validator.check_schema(value.json_schema.schema)
-        except jsonschema.SchemaError as exc:
-            field, problem = "response_format.json_schema.schema", f"not a valid JSON schema: {exc.message}"
-            raise InvalidBodyError(field, problem) from exc
+            check_schema(value.json_schema.schema, schema_limits(settings))
+        except SchemaError as exc:
+            raise InvalidBodyError("response_format.json_schema.schema", str(exc)) from exc
     return msgspec.to_builtins(value)
+
+
+def schema_limits(settings: Settings) -> SchemaLimits:
+    """The configured caps of client JSON schemas."""
+    return SchemaLimits(
+        max_bytes=settings.schema_max_bytes,
+        max_depth=settings.schema_max_depth,
+        max_properties=settings.schema_max_properties,
+        max_enum_values=settings.schema_max_enum_values,
+        max_string_chars=settings.schema_max_string_chars,
+    )
 
 
 def run_options(body: RunCreate, settings: Settings) -> RunOptions:
@@ -183,7 +193,7 @@ def run_options(body: RunCreate, settings: Settings) -> RunOptions:
     return RunOptions(
         message=message,
         model=body.model,
-        response_format=response_format_dict(body.response_format),
+        response_format=response_format_dict(body.response_format, settings),
         tools=body.tools,
         mcp_servers=body.mcp_servers,
         on_disconnect=body.on_disconnect,

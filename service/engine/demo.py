@@ -103,8 +103,11 @@ def plan_answer(payload: dict[str, Any]) -> list[dict[str, Any]]:
         results = [_text_of(m.get("content")) for m in _trailing_tool_messages(messages)]
         return [*_words(f"The tool answered: {'; '.join(results)}."), {"finish_reason": "stop"}]
     if schema is not None:
-        document = _json.encode(sample_from_schema(schema)).decode()
-        return [{"content": document[i : i + 7]} for i in range(0, len(document), 7)] + [{"finish_reason": "stop"}]
+        document = _json.encode(sample_from_schema(schema, [_SAMPLE_NODES])).decode()[:_SAMPLE_CHARS]
+        step = max(7, len(document) // _SAMPLE_DELTAS)  # at most ~_SAMPLE_DELTAS events, whatever the schema
+        return [{"content": document[i : i + step]} for i in range(0, len(document), step)] + [
+            {"finish_reason": "stop"}
+        ]
     if "refuse" in lowered:
         return [{"refusal": w} for w in _split_words("I can't help with that request.")] + [{"finish_reason": "stop"}]
     call = _tool_call_for(lowered, text, offered)
@@ -155,8 +158,18 @@ def _words(text: str) -> list[dict[str, Any]]:
     return [{"content": w} for w in _split_words(text)]
 
 
-def sample_from_schema(schema: dict[str, Any]) -> Any:
-    """A deterministic value that satisfies a (simple) JSON schema."""
+_SAMPLE_NODES = 2_000
+"""Values the demo builds for one schema at most (arrays stop growing past it)."""
+_SAMPLE_ITEMS = 50
+"""Items per array at most (``minItems`` beyond it is not met: the run then fails as invalid output)."""
+_SAMPLE_CHARS = 65_536
+_SAMPLE_DELTAS = 500
+
+
+def sample_from_schema(schema: dict[str, Any], budget: list[int] | None = None) -> Any:
+    """A deterministic value that satisfies a (simple) JSON schema, of at most ``budget[0]`` values."""
+    budget = [_SAMPLE_NODES] if budget is None else budget
+    budget[0] -= 1
     if "enum" in schema:
         return schema["enum"][0]
     if "const" in schema:
@@ -168,9 +181,10 @@ def sample_from_schema(schema: dict[str, Any]) -> Any:
     match kind:
         case "object":
             props: dict[str, Any] = schema.get("properties") or {}
-            return {name: sample_from_schema(sub) for name, sub in props.items()}
+            return {name: sample_from_schema(sub, budget) for name, sub in props.items()}
         case "array":
-            return [sample_from_schema(schema.get("items") or {}) for _ in range(max(2, schema.get("minItems", 0)))]
+            count = min(_SAMPLE_ITEMS, max(2, int(schema.get("minItems", 0))))
+            return [sample_from_schema(schema.get("items") or {}, budget) for _ in range(count) if budget[0] > 0]
         case "string":
             return "demo"
         case "integer":

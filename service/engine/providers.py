@@ -73,13 +73,14 @@ class ProviderRegistry:
     def __init__(self, settings: Settings) -> None:
         self.default_model = settings.default_model
         self._providers: dict[str, Provider] = {}
-        demo = openai.AsyncOpenAI(
-            base_url="http://demo.invalid/v1",
-            api_key="demo",
-            max_retries=0,
-            http_client=httpx2.AsyncClient(transport=DemoTransport(settings.demo_token_delay_ms / 1000)),
-        )
-        self._providers["demo"] = Provider("demo", ProviderConfig(base_url="demo", models=["demo"]), demo)
+        if settings.demo_enabled:  # by default, off once a real upstream is configured
+            demo = openai.AsyncOpenAI(
+                base_url="http://demo.invalid/v1",
+                api_key="demo",
+                max_retries=0,
+                http_client=httpx2.AsyncClient(transport=DemoTransport(settings.demo_token_delay_ms / 1000)),
+            )
+            self._providers["demo"] = Provider("demo", ProviderConfig(base_url="demo", models=["demo"]), demo)
         configs: dict[str, ProviderConfig] = {}
         if settings.openai_base_url:
             configs["openai"] = ProviderConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key)
@@ -100,7 +101,7 @@ class ProviderRegistry:
     def resolve(self, model_id: str | None) -> tuple[str, openai.AsyncOpenAI, str]:
         """``(model id, client, upstream model name)`` for a model id; raises ``UnknownModelError``."""
         model_id = model_id or self.default_model
-        if model_id == "demo":
+        if model_id == "demo" and "demo" in self._providers:
             return model_id, self._providers["demo"].client, "demo"
         name, _, model = model_id.partition("/")
         provider = self._providers.get(name)
@@ -110,7 +111,7 @@ class ProviderRegistry:
 
     def model_ids(self) -> list[tuple[str, str]]:
         """``(model id, provider)`` pairs for ``GET /v1/models``; a provider with no list shows ``name/*``."""
-        listed: list[tuple[str, str]] = [("demo", "demo")]
+        listed: list[tuple[str, str]] = [("demo", "demo")] if "demo" in self._providers else []
         for provider in self._providers.values():
             if provider.name == "demo":
                 continue

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import jsonschema
 import msgspec
 
 from service.engine.chunks import DONE, Chunk, ChunkUsage, ToolCallChunk, decode_chunk
+from service.engine.json_schema import output_errors
 from service.engine.partial_json import PartialJson
 from service.events import (
     AnyEvent,
@@ -170,11 +170,9 @@ class TurnState:
             value = self.output.final()
         except ValueError as exc:
             raise InvalidOutputError(f"structured output is not valid JSON: {exc}") from exc
-        schema = self.output_schema or {}
-        try:
-            jsonschema.validate(value, schema)
-        except jsonschema.ValidationError as exc:
-            raise InvalidOutputError(f"structured output does not match the schema: {exc.message}") from exc
+        problem = output_errors(value, self.output_schema or {})
+        if problem is not None:
+            raise InvalidOutputError(f"structured output does not match the schema: {problem}")
         return value
 
     def assistant_message(self) -> dict[str, Any]:

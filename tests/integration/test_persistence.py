@@ -107,6 +107,7 @@ async def test_two_providers_are_each_reached_by_their_model_id_and_keys_never_s
         env = {
             "SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
             "SERVICE_PROVIDERS": str(path),
+            "SERVICE_DEFAULT_MODEL": "alpha/m1",
             "SERVICE_LOG_LEVEL": "debug",
             "BETA_KEY": "sk-beta-secret",
         }
@@ -119,7 +120,7 @@ async def test_two_providers_are_each_reached_by_their_model_id_and_keys_never_s
             unknown = await client.post("/v1/chats", json={"model": "alpha/m9"})
             logs = service.logs()
 
-    assert {m["id"] for m in models["data"]} == {"demo", "alpha/m1", "beta/*"}
+    assert {m["id"] for m in models["data"]} == {"alpha/m1", "beta/*"}  # no demo once upstreams are configured
     assert alpha.requests[0].body["model"] == "m1"
     assert alpha.requests[0].headers["authorization"] == "Bearer sk-alpha-secret"
     assert beta.requests[0].body["model"] == "anything"
@@ -135,7 +136,12 @@ async def test_two_providers_are_each_reached_by_their_model_id_and_keys_never_s
 async def test_a_bad_providers_file_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "providers.json"
     path.write_text('{"providers": {"x": {"base_url": 5}}}')
-    process = ServiceProcess({"SERVICE_PROVIDERS": str(path), "SERVICE_DATABASE_URL": "sqlite+aiosqlite:///:memory:"})
+    env = {
+        "SERVICE_PROVIDERS": str(path),
+        "SERVICE_DEFAULT_MODEL": "x/m",
+        "SERVICE_DATABASE_URL": "sqlite+aiosqlite:///:memory:",
+    }
+    process = ServiceProcess(env)
     with pytest.raises(RuntimeError) as failed:
         await process.start()
     await process.stop()

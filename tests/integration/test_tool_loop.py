@@ -149,7 +149,7 @@ async def test_a_resumed_reader_sees_each_tool_call_once_and_no_tool_runs_twice(
 
 
 async def test_the_offline_demo_model_runs_the_whole_tool_loop(make_service: ServiceFactory) -> None:
-    service = await make_service(default_model="demo")
+    service = await make_service(default_model="demo", demo=True)
     response = await service.http.post("/v1/chats", json={"model": "demo"})
     chat = response.json()["id"]
 
