@@ -16,6 +16,7 @@ from litestar import Litestar, Request
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.logging import LoggingConfig
+from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
@@ -27,6 +28,7 @@ from service.api.auth import AUTH_MIDDLEWARE, EXCLUDE_FROM_AUTH, SECURITY_SCHEME
 from service.api.chats import ChatController
 from service.api.deps import DEPENDENCIES
 from service.api.health import HealthController
+from service.api.hosts import HostMiddleware, allowed_hosts, require_json_body
 from service.api.models import CatalogController
 from service.api.runs import RunController
 from service.api.ws import chat_socket, create_ws_token
@@ -173,6 +175,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             {"settings": settings, "providers": providers, "store": store, "tools": tools, "runs": runs, "auth": auth}
         ),
         middleware=[
+            DefineMiddleware(HostMiddleware, hosts=allowed_hosts(settings)),
             PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware,
             AUTH_MIDDLEWARE,
             *_rate_limit(settings),
@@ -192,4 +195,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=LoggingConfig(root={"level": settings.log_level.upper(), "handlers": ["queue_listener"]}),
         request_max_body_size=2 * 1024 * 1024,
+        before_request=require_json_body,
     )

@@ -66,6 +66,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Frames a socket may send at once before the rate applies; past it the socket closes with 1008."""
     allowed_origins: tuple[str, ...] = ()
     """Origins allowed to open the WebSocket, besides the service's own."""
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` names the service answers for (``*.example.com``, ``*``); default: loopback names and ``host``."""
 
     auth: Literal["none", "jwt"] = "none"
     """``jwt`` requires a bearer JWT on every API call; ``none`` (local use) is refused off loopback."""
@@ -143,7 +145,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             name = key.removeprefix("SERVICE_").lower()
             if name not in cls.__struct_fields__:
                 raise SettingsError(f"unknown setting {key} (see service/settings.py for the names)")
-            raw[name] = [v.strip() for v in value.split(",") if v.strip()] if name == "allowed_origins" else value
+            lists = ("allowed_origins", "allowed_hosts")
+            raw[name] = [v.strip() for v in value.split(",") if v.strip()] if name in lists else value
         try:
             settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:

@@ -77,7 +77,7 @@ class AuthMiddleware(AbstractAuthenticationMiddleware):
         except errors.ServiceError as exc:
             if scope["type"] != "websocket":
                 raise
-            await _refuse_handshake(scope, send, exc)
+            await refuse_handshake(scope, send, exc)
             return
         scope["user"] = result.user
         scope["auth"] = result.auth
@@ -125,7 +125,7 @@ def _require_loopback(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         )
 
 
-async def _refuse_handshake(scope: Scope, send: Send, exc: errors.ServiceError) -> None:
+async def refuse_handshake(scope: Scope, send: Send, exc: errors.ServiceError) -> None:
     """Answer a WebSocket handshake with the error response instead of an upgrade."""
     if "websocket.http.response" not in (scope["extensions"] or {}):
         await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})

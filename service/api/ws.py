@@ -110,12 +110,16 @@ MESSAGE_TOO_BIG_CLOSE = 1009
 
 
 def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Refuse cross-site WebSocket handshakes: the Origin must be the service's own or allow-listed."""
+    """Refuse cross-site WebSocket handshakes: the Origin must be the service's own (scheme too) or allow-listed."""
     origin = connection.headers.get("origin")
     if origin is None:
         return  # not a browser
     settings: Settings = connection.app.state.settings
-    if origin in settings.allowed_origins or urlsplit(origin).netloc == connection.headers.get("host"):
+    if origin in settings.allowed_origins:
+        return
+    parts = urlsplit(origin)
+    own_scheme = "https" if connection.scope["scheme"] == "wss" else "http"
+    if parts.scheme == own_scheme and parts.netloc == connection.headers.get("host"):
         return
     raise NotAuthorizedException(f"origin {origin!r} is not allowed")
 
