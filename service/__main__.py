@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http="service.api.http_protocol:HttpProtocol",
         ws="service.api.ws_protocol:WebSocketProtocol",
         ws_max_size=1024 * 1024,
         ws_per_message_deflate=False,

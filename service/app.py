@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.logging import LoggingConfig
@@ -36,6 +36,7 @@ from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
 from service.errors import EXCEPTION_HANDLERS
+from service.logs import add_secrets, install_redaction
 from service.metrics import SKIP_HTTP_METRICS
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
@@ -113,12 +114,35 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+PAGE_HEADERS = {
+    # Scripts, styles and connections from this origin only (no inline script, no other host);
+    # 'self' covers the page's own ws:/wss: URL.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Headers of the demo page's files."""
+
+
+def _page_headers(response: Response[Any]) -> Response[Any]:
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service from ``settings`` (default: read from the environment)."""
     settings = settings or Settings.from_env()
+    install_redaction()
     providers = ProviderRegistry(settings)
     store = SqlChatStore(settings.database_url)
     hub = _mcp_hub(settings)
+    add_secrets(settings.secrets())
+    add_secrets(providers.secrets())
+    if hub is not None:
+        add_secrets(hub.secrets())
     tools = ToolCatalog(timeout_s=settings.tool_timeout_s, max_output_chars=settings.tool_max_output_chars, mcp=hub)
     engine = ChatEngine(providers, max_tool_rounds=settings.max_tool_rounds)
     runs = RunManager(
@@ -163,7 +187,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if (WEB_DIR / "index.html").exists():
         route_handlers.append(
             create_static_files_router(
-                path="/", directories=[WEB_DIR], html_mode=True, name="web", opt=EXCLUDE_FROM_AUTH
+                path="/",
+                directories=[WEB_DIR],
+                html_mode=True,
+                name="web",
+                opt=EXCLUDE_FROM_AUTH,
+                after_request=_page_headers,
             )
         )
     return Litestar(

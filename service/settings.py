@@ -198,6 +198,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         self._check_auth()
 
+    def secrets(self) -> list[str | None]:
+        """Configured values that must never reach a log line (of the URLs, their passwords)."""
+        return [self.openai_api_key, self.jwt_secret, self.stream_token_secret, self.database_url, self.redis_url]
+
     @property
     def demo_enabled(self) -> bool:
         """Whether the ``demo`` model is served: as configured, else only without an upstream."""

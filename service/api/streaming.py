@@ -48,6 +48,10 @@ def sse_response(events: AsyncIterator[AnyEvent], settings: Settings) -> ASGIApp
     )
 
 
+WATCHES_PER_TIMEOUT = 8
+"""How often per send timeout the watchdog looks at a stream's send under way."""
+
+
 class _EventStream(EventSourceResponse):
     """sse-starlette's response, run with two plain tasks instead of a task group of four.
 
@@ -65,9 +69,10 @@ class _EventStream(EventSourceResponse):
       stream, as each stream's own listener did;
     - a send blocked for ``send_timeout`` or longer fails the response with ``SendTimeoutError``:
       instead of sse-starlette's cancel scope around every send (about 6 µs of CPU per event, some
-      7 % of the service's cost per streamed token), a watchdog looks every ``send_timeout / 2``
+      7 % of the service's cost per streamed token), a watchdog looks every ``send_timeout / 8``
       seconds whether the send under way started too long ago, so a stalled client is noticed
-      after 1 to 1.5 times the timeout.
+      after 1 to 1.125 times the timeout (the socket's send buffer, ``api/http_protocol.py``,
+      decides how soon after the client stops reading a send blocks).
 
     HEAD requests, WebSocket scopes and a ``data_sender_callable`` take sse-starlette's own path.
     """
@@ -114,7 +119,9 @@ class _Guard:
         for helper in self._helpers:
             helper.add_done_callback(self._helper_done)
         timeout = response.send_timeout
-        self._watchdog = None if timeout is None else loop.call_later(timeout / 2, self._watch, timeout)
+        self._watchdog = (
+            None if timeout is None else loop.call_later(timeout / WATCHES_PER_TIMEOUT, self._watch, timeout)
+        )
         _open_streams(loop).add(self)
 
     def end(self, error: BaseException | None) -> None:
@@ -150,7 +157,7 @@ class _Guard:
         if since is not None and time.monotonic() - since >= timeout:
             self.end(SendTimeoutError())
         else:
-            self._watchdog = self._task.get_loop().call_later(timeout / 2, self._watch, timeout)
+            self._watchdog = self._task.get_loop().call_later(timeout / WATCHES_PER_TIMEOUT, self._watch, timeout)
 
 
 _STREAMS: dict[asyncio.AbstractEventLoop, set[_Guard]] = {}

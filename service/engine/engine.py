@@ -13,6 +13,7 @@ a disconnect; the run manager emits ``run.cancelled``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from service.engine.chunks import ChunkUsage, SseDataDecoder
 from service.engine.providers import ProviderRegistry
 from service.engine.state import TurnState, output_schema, usage_sum
 from service.engine.transport import READ_BODY
-from service.engine.upstream_errors import UPSTREAM_ERRORS, error_info
+from service.engine.upstream_errors import UPSTREAM_ERRORS, error_info, upstream_detail
 from service.events import (
     AnyEvent,
     ErrorInfo,
@@ -41,6 +42,8 @@ from service.events import (
 )
 
 _JSON = msgspec.json.Encoder()
+
+log = logging.getLogger("service.engine")
 
 
 class ToolOutcomeLike(Protocol):
@@ -109,7 +112,9 @@ class ChatEngine:
                             yield event
                 closing = state.finish()
             except UPSTREAM_ERRORS as exc:
-                yield RunFailed(run_id=run_id, error=error_info(exc), message_id=request.message_id)
+                error = error_info(exc)
+                log.warning("run %s (%s): %s: %s", run_id, model_id, error.code, upstream_detail(exc))
+                yield RunFailed(run_id=run_id, error=error, message_id=request.message_id)
                 return
             usage = usage_sum(usage, state.usage)
             ending = _ending(request, state, usage)

@@ -45,6 +45,7 @@ from service.engine.tools import (
     ToolSpec,
     mcp_tool_name,
 )
+from service.logs import redact
 
 __all__ = ["McpConfigError", "McpHub", "McpServerConfig", "load_mcp_config"]
 
@@ -211,9 +212,12 @@ class _Connection:
         return Client(streamable_http_client(config.url, http_client=http))
 
     def unavailable(self, exc: BaseException) -> str:
-        reason = "no answer within the connect timeout" if isinstance(exc, TimeoutError) else _reason(exc)
-        where = self.config.url if self.config.transport == "http" else self.config.command
-        return f"MCP server {self.config.name!r} ({where}) is unavailable: {reason}"
+        """What a client is told: the server's name and the kind of failure, never its URL or command."""
+        timed_out = isinstance(exc, TimeoutError)
+        reason = "no answer within the connect timeout" if timed_out else type(_leaves(exc)[0]).__name__
+        where = redact(self.config.url) if self.config.url else self.config.command
+        log.warning("MCP server %r (%s) is unavailable: %s", self.config.name, where, _reason(exc))
+        return f"MCP server {self.config.name!r} is unavailable: {reason}"
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -250,6 +254,14 @@ class McpHub:
     def from_file(cls, path: str | Path, *, connect_timeout_s: float = 10.0) -> McpHub:
         """A hub for the servers listed in the JSON file at ``path`` (see ``load_mcp_config``)."""
         return cls(load_mcp_config(path), connect_timeout_s=connect_timeout_s)
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line: header values, URLs (for their passwords), env values."""
+        values: list[str] = []
+        for connection in self._connections.values():
+            config = connection.config
+            values += [*config.headers.values(), *config.env.values(), config.url or ""]
+        return values
 
     @property
     def server_names(self) -> list[str]:

@@ -119,6 +119,10 @@ class ProviderRegistry:
             listed += [(f"{provider.name}/{m}", provider.name) for m in models]
         return listed
 
+    def secrets(self) -> list[str]:
+        """The upstreams' API keys and base URLs (for their passwords), to be kept out of log lines."""
+        return [value for p in self._providers.values() for value in (p.client.api_key, p.config.base_url)]
+
     async def close(self) -> None:
         """Close every client's connection pool."""
         for provider in self._providers.values():

@@ -35,32 +35,42 @@ UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
-    """The typed error for an upstream failure."""
+    """The typed error a client sees for an upstream failure: the service's own words only.
+
+    An upstream's error text can echo what it was sent (a 401 that quotes the API key, a 400 that
+    quotes the prompt), so none of it is relayed: ``upstream_detail`` gives it to the server log.
+    """
     match exc:
         case openai.APITimeoutError() | httpx2.TimeoutException():
             return ErrorInfo("timeout", "the upstream did not answer in time")
         case openai.RateLimitError():
-            return ErrorInfo("rate_limited", f"the upstream is rate limiting requests: {_status_message(exc)}")
+            return ErrorInfo("rate_limited", "the upstream is rate limiting requests")
         case openai.APIStatusError():
-            return ErrorInfo("upstream_error", f"the upstream answered {exc.status_code}: {_status_message(exc)}")
+            return ErrorInfo("upstream_error", f"the upstream answered {exc.status_code}")
         case openai.APIConnectionError() | httpx2.HTTPError() | httpx2.StreamError():
             return ErrorInfo("upstream_error", f"the upstream connection failed: {type(exc).__name__}")
         case msgspec.DecodeError():
-            return ErrorInfo("upstream_error", f"the upstream sent a chunk that is not valid JSON: {exc}")
+            return ErrorInfo("upstream_error", "the upstream sent a chunk that is not valid JSON")
         case UpstreamStreamEndedError():
             return ErrorInfo("upstream_error", str(exc))
         case UpstreamChunkError():
-            return ErrorInfo("upstream_error", f"the upstream reported an error: {exc}")
+            return ErrorInfo("upstream_error", "the upstream reported an error in the stream")
         case InvalidOutputError():
             return ErrorInfo("invalid_output", str(exc))
         case _:
             return ErrorInfo("internal", "an internal error stopped the run")
 
 
-def _status_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        message = body.get("message")  # type: ignore[union-attr]
-        if isinstance(message, str):
-            return message[:300]
-    return exc.message[:300]
+def upstream_detail(exc: BaseException) -> str:
+    """What the upstream said, for the server log (redacted there like every log line)."""
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if exc.body is not None else exc.message
+        return f"{exc.status_code} {str(body)[:_DETAIL_CHARS]}"
+    detail = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and isinstance(exc, openai.APIConnectionError):
+        detail += f" ({type(cause).__name__}: {cause})"
+    return detail[:_DETAIL_CHARS]
+
+
+_DETAIL_CHARS = 1000

@@ -44,3 +44,6 @@ export const activeRun = (chatId) => call("GET", `/v1/chats/${enc(chatId)}/activ
 export const startRun = (chatId, body) => call("POST", `/v1/chats/${enc(chatId)}/runs`, body);
 export const getRun = (runId) => call("GET", `/v1/runs/${enc(runId)}`);
 export const cancelRun = (runId) => call("POST", `/v1/runs/${enc(runId)}/cancel`);
+/** Short-lived tokens for `?token=` (auth on): one run's events, or one WebSocket handshake. */
+export const streamToken = (runId) => call("POST", `/v1/runs/${enc(runId)}/stream-token`);
+export const wsToken = () => call("POST", "/v1/ws-token");

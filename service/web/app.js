@@ -6,13 +6,14 @@
 // after its last seq (EventSource `?after=`, or WebSocket `run.resume`), so nothing shows twice.
 
 import * as api from "./api.js";
+import { setToken, token } from "./auth.js";
 import { RunView, emptyState, stateFromMessages, userTurn } from "./run-view.js";
 import { SseTransport, WsTransport } from "./transports.js";
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const ui = Object.fromEntries(
   ["new-chat", "chat-list", "model", "transport", "connection", "conversation", "error", "composer"]
-    .concat(["message", "schema", "status", "stop", "send"])
+    .concat(["message", "schema", "status", "stop", "send", "access", "access-summary", "token-form", "token"])
     .map((id) => [id.replace(/-(.)/g, (_, c) => c.toUpperCase()), byTestId(id)]),
 );
 
@@ -34,6 +35,10 @@ let current = null; // the RunView that carries the data-testids (the latest ass
 function showError(error) {
   ui.error.textContent = `${error.code || "error"}: ${error.message}`;
   ui.error.hidden = false;
+  if (error.status === 401 || error.code === "unauthorized") {
+    ui.access.open = true; // the service has auth on: ask for a token
+    ui.error.textContent += token() ? " (paste a new access token)" : " (this service needs an access token)";
+  }
 }
 
 function clearError() {
@@ -287,7 +292,15 @@ async function loadModels() {
   if (preferred && models.data.some((m) => m.id === preferred)) ui.model.value = preferred;
 }
 
+function useToken(event) {
+  event.preventDefault();
+  setToken(ui.token.value);
+  location.reload(); // everything the page shows depends on who is asking
+}
+
 async function init() {
+  ui.accessSummary.textContent = token() ? "Access token (set)" : "Access token";
+  ui.tokenForm.onsubmit = useToken;
   ui.transport.value = saved.get("transport") || "sse";
   ui.transport.onchange = () => saved.set("transport", ui.transport.value);
   ui.model.onchange = () => saved.set("model", ui.model.value);

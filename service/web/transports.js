@@ -22,23 +22,30 @@ export class SseTransport {
   async start(chatId, body, handlers) {
     const run = await api.startRun(chatId, body); // no Accept: text/event-stream -> 202 + events_url
     handlers.onRun(run);
-    this.follow(run, 0, handlers);
+    await this.follow(run, 0, handlers);
   }
 
-  follow(run, after, handlers) {
+  async follow(run, after, handlers) {
     this.detach(run.id);
-    const source = new EventSource(streamUrl(`${run.events_url}?after=${after}`));
+    const url = await streamUrl(`${run.events_url}?after=${after}`, () => api.streamToken(run.id));
+    const source = new EventSource(url);
+    const tokened = url.includes("token=");
     this.sources.set(run.id, source);
     source.onmessage = (message) => {
       const event = JSON.parse(message.data);
+      after = event.seq ?? after;
       handlers.onEvent(event);
       if (event.type in TERMINAL_STATUS) this.detach(run.id); // or it would reconnect and get 204
     };
     source.onerror = () => {
-      // CONNECTING: EventSource reconnects by itself, sending Last-Event-ID. CLOSED: a 204 (all
-      // events delivered) or an error status; either way nothing more will come on this source.
-      handlers.onConnection?.(source.readyState === EventSource.CONNECTING ? "reconnecting" : "closed");
-      if (source.readyState === EventSource.CLOSED) {
+      // CONNECTING: EventSource reconnects by itself, sending Last-Event-ID; with auth on its URL's
+      // stream token may have expired, so the page reconnects itself with a fresh one instead.
+      // CLOSED: a 204 (all events delivered) or an error status: nothing more comes on this source.
+      const reconnecting = source.readyState === EventSource.CONNECTING;
+      handlers.onConnection?.(reconnecting ? "reconnecting" : "closed");
+      if (reconnecting && tokened) {
+        this.follow(run, after, handlers).catch((err) => handlers.onError({ code: err.code, message: err.message }));
+      } else if (!reconnecting) {
         this.detach(run.id);
         handlers.onEnd();
       }
@@ -69,17 +76,23 @@ export class WsTransport {
 
   connect() {
     if (this.opened) return this.opened;
+    this.opened = this.open();
+    this.opened.catch(() => {
+      this.opened = null; // reported by whoever awaits it; the next send tries again
+    });
+    return this.opened;
+  }
+
+  async open() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(streamUrl(`${scheme}//${location.host}/v1/ws`));
+    const socket = new WebSocket(await streamUrl(`${scheme}//${location.host}/v1/ws`, api.wsToken));
     this.socket = socket;
-    this.opened = new Promise((resolve, reject) => {
+    socket.onmessage = (message) => this.dispatch(JSON.parse(message.data));
+    socket.onclose = () => this.dropped(socket);
+    return new Promise((resolve, reject) => {
       socket.onopen = () => resolve(socket);
       socket.onerror = () => reject(new Error("the WebSocket could not connect"));
     });
-    this.opened.catch(() => {}); // reported by whoever awaits it
-    socket.onmessage = (message) => this.dispatch(JSON.parse(message.data));
-    socket.onclose = () => this.dropped(socket);
-    return this.opened;
   }
 
   async send(frame) {

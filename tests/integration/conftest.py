@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio
 import websockets
 
+from service.api.http_protocol import HttpProtocol
 from service.api.ws_protocol import WebSocketProtocol
 from service.app import create_app
 from service.settings import Settings
@@ -101,6 +102,7 @@ async def make_service(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncItera
     async def start(uvicorn: dict[str, Any] | None = None, **overrides: Any) -> Service:
         settings = service_settings(tmp_path, upstream, **overrides)
         options = {
+            "http": HttpProtocol,
             "ws": WebSocketProtocol,
             "ws_max_size": 1024 * 1024,
             "ws_per_message_deflate": False,

@@ -150,7 +150,8 @@ class ServiceProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.command = [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else [])]
         self.command += ["--host", "127.0.0.1", "--port", str(self.port), "--ws-max-size", "1048576"]
-        self.command += ["--ws", "service.api.ws_protocol:WebSocketProtocol", *extra_args]  # as in the README
+        self.command += ["--ws", "service.api.ws_protocol:WebSocketProtocol"]  # as in the README
+        self.command += ["--http", "service.api.http_protocol:HttpProtocol", *extra_args]
         self.startup_timeout = startup_timeout
         self.health_path = health_path
         self.cwd = cwd
@@ -170,6 +171,20 @@ class ServiceProcess:
     def logs(self) -> str:
         """Everything the child wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace")
+
+    async def wait_for_log(self, *lines: str, timeout: float = 10.0) -> str:
+        """The logs once each of ``lines`` appears in them (log handlers write from their own thread).
+
+        Raises:
+            AssertionError: not all appeared within ``timeout`` s; the message has the logs.
+        """
+        deadline = time.monotonic() + timeout
+        while not all(line in (logs := self.logs()) for line in lines):
+            if time.monotonic() >= deadline:
+                missing = [line for line in lines if line not in logs]
+                raise AssertionError(f"not in the service's logs after {timeout} s: {missing}\n{logs}")
+            await asyncio.sleep(0.05)
+        return logs
 
     async def start(self) -> Self:
         """Start the child and wait until ``GET /healthz`` answers 200.

@@ -1,0 +1,40 @@
+"""The HTTP protocol the service runs under uvicorn: httptools, with a bounded kernel send buffer.
+
+``python -m service`` uses it, and so does the README's production command
+(``uvicorn ... --http service.api.http_protocol:HttpProtocol``). It is uvicorn's own
+``HttpToolsProtocol`` with one intentional divergence: each connection's socket gets a fixed
+send buffer of :data:`SEND_BUFFER_BYTES` instead of Linux's autotuned one (up to 4 MB,
+``net.ipv4.tcp_wmem``).
+
+Why: a client that stops reading an event stream is noticed only once a send blocks, and a send
+blocks only once the kernel's buffer and the transport's are full. With autotuning, a stalled
+reader of a 30 KB/s stream had 2.7 MB queued for it and was dropped after 105 s, though the send
+timeout was 10 s; with this buffer its send blocks within seconds and it costs the service about
+0.2 MB (``tests/integration/test_sse_stall.py``). Connections upgraded to WebSocket keep the same
+socket, so a stalled WebSocket reader is bounded the same way.
+
+The cost: one connection cannot have more than this buffer in flight, so a single large response
+over a long round trip is slower (256 KB per round trip: 2.5 MB/s at 100 ms). Event streams and
+JSON answers of this service are far below that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+SEND_BUFFER_BYTES: Final = 64 * 1024
+"""Requested ``SO_SNDBUF`` (Linux doubles it for its own bookkeeping)."""
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the send buffer of the module docstring."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
+        sock: socket.socket | None = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        super().connection_made(transport)
