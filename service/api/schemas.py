@@ -70,7 +70,7 @@ class ChatCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Name | None = None
     system: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
     tools: list[Name] | None = None
-    """Local tools the model may call (default: all local tools)."""
+    """Local tools the model may call (default: all local tools for the demo model, none for others)."""
     mcp_servers: list[Name] | None = None
     """Allowed MCP servers whose tools the model may call (default: none)."""
     response_format: ResponseFormat | None = None
@@ -83,6 +83,7 @@ class RunCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Name | None = None
     response_format: ResponseFormat | None = None
     tools: list[Name] | None = None
+    """Local tools for this run (default: the chat's)."""
     mcp_servers: list[Name] | None = None
     on_disconnect: OnDisconnect = "continue"
     """``cancel`` stops the run when its last reader disconnects; by default it goes on."""

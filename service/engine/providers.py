@@ -34,6 +34,10 @@ class UnknownModelError(LookupError):
     """A model id that names no configured provider or model."""
 
 
+DEMO_MODEL = "demo"
+"""The model id of the built-in demo model (provider ``demo``)."""
+
+
 class ProviderConfigError(ValueError):
     """The providers file is unreadable or malformed; the message names the problem."""
 

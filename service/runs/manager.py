@@ -36,7 +36,7 @@ import msgspec
 
 from service import errors, metrics
 from service.engine.engine import ChatEngine, RunRequest, ToolRunner
-from service.engine.providers import UnknownModelError
+from service.engine.providers import DEMO_MODEL, UnknownModelError
 from service.engine.tools import McpUnavailableError, ServerNotAllowedError, ToolError
 from service.events import AnyEvent, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
 from service.ids import new_id
@@ -261,6 +261,8 @@ class RunManager:
         if self.tools is None:
             return None
         tools = options.tools if options.tools is not None else chat.tools
+        if tools is None and (options.model or chat.model) != DEMO_MODEL:
+            tools = []  # the local tools are the demo's: a real model gets only the tools it is given
         servers = options.mcp_servers if options.mcp_servers is not None else chat.mcp_servers
         try:
             return await self.tools.toolbox(tools, servers)

@@ -164,7 +164,13 @@ async def test_stop_cancels_the_run(
 
 
 async def test_model_output_is_shown_as_text_never_as_html(page: Page, service: ServiceProcess) -> None:
-    payload = "<img src=x onerror=window.__xss=1>"
+    """ACCEPTANCE X5: markup in model text (the demo echoes it, split across chunks) stays text."""
+    payload = (
+        "<img src=x onerror=window.__xss=1> <script>window.__xss=2</script> "
+        "<a href=javascript:window.__xss=3>link</a> ![i](http://198.51.100.7/pixel.png) <b>bo</b>ld"
+    )
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     await open_page(page, service)
     await send(page, payload)
     await expect(page.get_by_test_id("status")).to_have_text("completed")
@@ -172,11 +178,14 @@ async def test_model_output_is_shown_as_text_never_as_html(page: Page, service: 
     for when in ("streamed", "re-rendered from the store after a reload"):
         answer = page.get_by_test_id("answer")
         await expect(answer).to_contain_text(f"You said: {payload}")
-        await expect(answer.locator("img")).to_have_count(0)
+        for tag in ("img", "script", "a", "b"):
+            await expect(answer.locator(tag)).to_have_count(0)
         assert await page.evaluate("document.querySelectorAll('img').length") == 0, when
         assert await page.evaluate("typeof window.__xss") == "undefined", when
         await page.reload()
         await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    host = service.url.removeprefix("http://")
+    assert [u for u in requested if u.split("/")[2] != host] == []  # nothing fetched from another host
 
 
 async def test_tool_calls_reasoning_refusal_and_structured_output(

@@ -81,7 +81,7 @@ async def test_a_failing_tool_gives_an_error_result_and_the_run_goes_on(
     service = await make_service(mcp_servers=str(mcp_config), tool_timeout_s=1.0, tool_max_output_chars=10_000)
     service.upstream.enqueue(tool_call(0, "c1", name, arguments, pieces=2), finish("tool_calls"))
     service.upstream.enqueue(text("I could not do that."), finish())
-    chat = await service.create_chat(mcp_servers=["web"])
+    chat = await service.create_chat(mcp_servers=["web"], tools=["calculator", "clock"])
     loop = asyncio.get_running_loop()
     started = loop.time()
 
@@ -126,7 +126,7 @@ async def test_a_resumed_reader_sees_each_tool_call_once_and_no_tool_runs_twice(
         tool_call(0, "c1", "calculator", '{"expression": "2**10"}', pieces=3), finish("tool_calls")
     )
     service.upstream.enqueue(text("It is "), gate(hold), text("1024."), finish())
-    chat = await service.create_chat()
+    chat = await service.create_chat(tools=["calculator"])
     run = (await service.http.post(f"/v1/chats/{chat}/runs", json={"message": "2**10?"})).json()
 
     seen: list[dict[str, Any]] = []
@@ -162,3 +162,17 @@ async def test_the_offline_demo_model_runs_the_whole_tool_loop(make_service: Ser
     assert done["parsed"] == {"expression": "6*7"}
     assert "42" in text_of(events)
     assert events[-1]["type"] == "run.completed"
+
+
+async def test_a_real_model_gets_only_the_tools_it_is_given(tool_service: Service) -> None:
+    """ACCEPTANCE X6: the local tools are the demo's; a chat on a real upstream names what it uses."""
+    service = tool_service
+    for _ in range(3):
+        service.upstream.enqueue(text("ok"), finish())
+    bare = await service.create_chat()
+    await service.stream_run(bare, "hi")
+    await service.stream_run(bare, {"message": "now with a clock", "tools": ["clock"]})
+    named = await service.create_chat(tools=["calculator"])
+    await service.stream_run(named, "hi")
+    offered = [{t["function"]["name"] for t in r.body.get("tools", [])} for r in service.upstream.requests]
+    assert offered == [set(), {"clock"}, {"calculator"}]
