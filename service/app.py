@@ -42,6 +42,7 @@ from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
 from service.runs.manager import RunLimits, RunManager
 from service.runs.memory import MemoryRunBackend
+from service.runs.solo import SharedDatabaseError, SoloLock
 from service.security import ANONYMOUS, Authenticator, Principal
 from service.settings import Settings
 from service.store.sql import SqlChatStore
@@ -161,9 +162,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
     auth = Authenticator(settings)
     quiet_refused_handshakes()
 
+    solo = None if settings.redis_url else SoloLock(settings.database_url)
+
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncGenerator[None]:
         await store.start()
+        if solo is not None:  # in-memory runs: no other process may serve this database
+            try:
+                await solo.acquire()
+            except SharedDatabaseError:
+                await store.close()
+                raise
         await tools.start()
         await runs.start()
         tune_gc()
@@ -173,6 +182,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await runs.close()
             await tools.close()
             await store.close()
+            if solo is not None:
+                await solo.release()
             await providers.close()
 
     route_handlers: list[object] = [
