@@ -3,6 +3,9 @@
 ``SERVICE_TEST_REDIS_URL`` / ``SERVICE_TEST_DATABASE_URL`` name them; when
 unset, the local defaults are tried. A test that needs a server that does not
 answer is skipped with the reason, except under CI (``CI=true``), where it fails.
+
+The collection checks of ``tests.support.collection`` (unique node ids, ``xdist_group`` that takes
+effect) run in every process that collects; ``pytester`` is there to test them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import pytest
 
 REDIS_DEFAULT = "redis://127.0.0.1:6379/0"
 POSTGRES_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+pytest_plugins = ("pytester", "tests.support.collection")
 
 
 def _reachable(url: str) -> bool:
