@@ -15,6 +15,19 @@ from service.api.streaming import _EventStream  # pyright: ignore[reportPrivateU
 SCOPE: dict[str, Any] = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
 
 
+async def settled() -> None:
+    """Return once the callbacks and tasks the event loop already holds have run a few steps.
+
+    A response's helpers are cancelled when it returns; a helper's end reaches its done callback two
+    loop iterations later. A cancel it wrongly sent the request's task would arrive within those: this
+    waits for loop iterations, not for time, and fails the caller if the task was cancelled.
+    """
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
 async def test_a_send_blocked_past_the_timeout_ends_the_response() -> None:
     closed = asyncio.Event()
     sent: list[bytes] = []
@@ -49,7 +62,7 @@ async def test_a_send_blocked_past_the_timeout_ends_the_response() -> None:
 async def test_a_steady_stream_longer_than_the_timeout_is_not_cut() -> None:
     async def frames() -> AsyncIterator[bytes]:
         for i in range(6):
-            await asyncio.sleep(0.05)  # 0.3 s in all, each send immediate
+            await asyncio.sleep(0.05)  # the time is the subject: 0.3 s in all, each send immediate
             yield b"data: %d\n\n" % i
 
     sent: list[bytes] = []
@@ -67,7 +80,10 @@ async def test_a_steady_stream_longer_than_the_timeout_is_not_cut() -> None:
 
 
 async def test_an_outside_cancel_still_cancels() -> None:
+    waiting = asyncio.Event()
+
     async def frames() -> AsyncIterator[bytes]:
+        waiting.set()  # the response is streaming: its helpers and watchdog are running
         await asyncio.Event().wait()
         yield b""
 
@@ -79,7 +95,8 @@ async def test_an_outside_cancel_still_cancels() -> None:
         return {}
 
     task = asyncio.create_task(_EventStream(frames(), ping=60, send_timeout=0.1)(SCOPE, receive, send))  # type: ignore[arg-type]
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(5):
+        await waiting.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -115,7 +132,7 @@ async def test_a_client_disconnect_ends_the_response_quietly_and_closes_the_stre
 
     await asyncio.wait_for(_EventStream(frames(), ping=60)(SCOPE, receive, send), 2)  # type: ignore[arg-type]
     assert closed.is_set()
-    await asyncio.sleep(0.05)  # nothing cancels this task once the response has returned
+    await settled()  # nothing cancels this task once the response has returned
 
 
 async def test_the_task_goes_on_undisturbed_after_a_complete_response() -> None:
@@ -128,7 +145,8 @@ async def test_the_task_goes_on_undisturbed_after_a_complete_response() -> None:
         sent.append(message)
 
     await _EventStream(frames(), ping=60, send_timeout=0.02)(SCOPE, _never_ending_receive(), send)  # type: ignore[arg-type]
-    await asyncio.sleep(0.1)  # past the helpers' cancellation and several watchdog periods
+    await settled()  # the helpers' cancellation
+    await asyncio.sleep(0.1)  # the time is the subject: five watchdog periods, which must not fire
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
     assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
@@ -149,7 +167,7 @@ async def test_a_disconnect_that_comes_with_the_end_of_the_response_cancels_noth
         return {"type": "http.disconnect"}
 
     await _EventStream(frames(), ping=60)(SCOPE, receive, send)  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)  # the listener's end is seen after the response returned: it cancels nothing
+    await settled()  # the listener's end is seen after the response returned: it cancels nothing
 
 
 async def test_a_failing_ping_fails_the_response_with_its_error() -> None:
@@ -171,28 +189,38 @@ async def test_a_failing_ping_fails_the_response_with_its_error() -> None:
     assert closed.is_set()
 
 
-async def test_pings_are_sent_while_the_stream_is_idle() -> None:
+async def test_pings_are_sent_while_the_stream_is_idle_and_stop_with_it() -> None:
     pings: list[bytes] = []
+    third_ping = asyncio.Event()
 
     async def frames() -> AsyncIterator[bytes]:
-        await asyncio.sleep(0.35)
+        await third_ping.wait()  # idle until three pings went out
         yield b"data: 1\n\n"
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and message["body"].startswith(b":"):
             pings.append(message["body"])
+            if len(pings) == 3:
+                third_ping.set()
 
-    await _EventStream(frames(), ping=0.1)(SCOPE, _never_ending_receive(), send)  # type: ignore[arg-type]
-    assert 2 <= len(pings) <= 4
+    async with asyncio.timeout(5):
+        await _EventStream(frames(), ping=0.02)(SCOPE, _never_ending_receive(), send)  # type: ignore[arg-type]
     assert all(p.startswith(b": ping - ") for p in pings)
+    sent = len(pings)
+    await asyncio.sleep(0.1)  # five ping periods: the time is the subject here, nothing is awaited
+    assert len(pings) == sent
 
 
 async def test_server_shutdown_ends_every_open_stream_and_any_opened_after() -> None:
     closed: list[int] = []
 
+    opened = [asyncio.Event() for _ in range(3)]
+
     def frames(n: int) -> AsyncIterator[bytes]:
         async def gen() -> AsyncIterator[bytes]:
             try:
+                if n < len(opened):
+                    opened[n].set()
                 await asyncio.Event().wait()
                 yield b""
             finally:
@@ -207,7 +235,8 @@ async def test_server_shutdown_ends_every_open_stream_and_any_opened_after() -> 
         asyncio.create_task(_EventStream(frames(n), ping=60)(SCOPE, _never_ending_receive(), send))  # type: ignore[arg-type]
         for n in range(3)
     ]
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(o.wait() for o in opened))  # every stream is open
     assert not any(r.done() for r in responses)
     AppStatus.should_exit = True
     try:
