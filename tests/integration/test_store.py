@@ -343,15 +343,23 @@ async def test_cancelled_sqlite_writers_do_not_strand_the_writes_they_carry(tmp_
     await store.start()
     for i in range(20):
         await store.create_chat(chat(f"c{i}"))
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
+
+    def began(_conn: object, _cursor: object, statement: str, *_: object) -> None:  # on the writer's thread
+        if statement == "BEGIN IMMEDIATE":
+            loop.call_soon_threadsafe(writing.set)
+
+    sa.event.listen(store._engine, "before_cursor_execute", began)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process's write: every group now waits on busy_timeout
     try:
         tasks = [asyncio.create_task(store.append_messages(f"c{i}", [message(f"c{i}", f"m{i}")])) for i in range(20)]
-        await asyncio.sleep(0.2)  # the writer task commits write 0 alone (it waits), 1-19 queue behind it
-        tasks[0].cancel()
-        await asyncio.sleep(0.2)
-        tasks[1].cancel()
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(4):  # well inside the store's 5 s busy_timeout, which would fail the group
+            await writing.wait()  # the writer's group (all 20 writes) now waits for the lock
+            for cancelled in tasks[:2]:
+                cancelled.cancel()
+                await asyncio.wait([cancelled])
         assert not any(t.done() for t in tasks[2:])
     finally:
         blocker.rollback()
@@ -364,10 +372,7 @@ async def test_cancelled_sqlite_writers_do_not_strand_the_writes_they_carry(tmp_
     assert outcomes[2:] == [None] * 18
     for i in range(2, 20):
         assert [m.content for m in await store.list_messages(f"c{i}")] == [f"m{i}"]
-    # The cancelled callers' writes were already under way: they land too, once.
-    async with asyncio.timeout(10):
-        while not all([await store.list_messages(c) for c in ("c0", "c1")]):
-            await asyncio.sleep(0.02)
+    # The cancelled callers' writes were in the group committed before the others were answered: they landed, once.
     assert [[m.content for m in await store.list_messages(c)] for c in ("c0", "c1")] == [["m0"], ["m1"]]
     await store.close()
 
