@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,7 @@ import websockets
 from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix, text_of, types
 from tests.support.sse import collect_events, iter_sse
 from tests.support.upstream import finish, gate, sleep, text, ttft, usage
+from tests.support.wait import until
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.xdist_group("redis")])])
@@ -140,13 +142,20 @@ async def test_a_finished_run_answers_204_then_410_after_retention_and_the_answe
     make_service: ServiceFactory, backend: dict[str, Any]
 ) -> None:
     """R7: late join within retention replays everything; after it, 410; the message is readable; 1 upstream call."""
-    service = await make_service(run_retention_s=1.0, **backend)
+    retention_s = 1.0
+    service = await make_service(run_retention_s=retention_s, **backend)
     chat, run_id, events = await finished_run(service, 5)
+    finished_at = (await service.http.get(f"/v1/runs/{run_id}")).json()["finished_at"]
 
     _, replay = await read_events(service, run_id, **{"Last-Event-ID": "0"})
     assert replay == events
     assert (await service.http.get(f"/v1/runs/{run_id}/events", params={"after": len(events)})).status_code == 204
-    await asyncio.sleep(2.2)
+
+    async def expired() -> bool:
+        return (await service.http.get(f"/v1/runs/{run_id}")).status_code == 410
+
+    await until(expired, timeout=retention_s + 10)  # a Redis TTL or the memory sweep: nothing announces it
+    assert time.time() >= finished_at + retention_s  # not before its retention
     for path in [f"/v1/runs/{run_id}", f"/v1/runs/{run_id}/events"]:
         response = await service.http.get(path)
         assert response.status_code == 410, path
