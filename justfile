@@ -9,6 +9,10 @@ serve: sync
 test *args: sync browser
     uv run pytest {{args}}
 
+# The tests that assert latency figures (marked `latency`, left out of `just test`): run them on a quiet machine
+test-latency *args: sync
+    uv run pytest -m latency {{args}}
+
 # Ruff (format and lint) and pyright in strict mode on service/
 lint: sync
     uv run ruff format --check .

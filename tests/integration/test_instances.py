@@ -107,29 +107,27 @@ async def test_a_run_started_on_a_is_followed_resumed_and_cancelled_from_b(clust
     async with websockets.connect(ws_url) as ws:
         await ws.send(json.dumps({"type": "run.resume", "run_id": run["id"], "after": seen[-1]["seq"]}))
         assert json.loads(await ws.recv())["type"] == "run.resumed"
-        loop = asyncio.get_running_loop()
-        cancelled_at = loop.time()
         assert (await cluster.b.post(f"/v1/runs/{run['id']}/cancel")).status_code == 200
         while seen[-1]["type"] not in TERMINAL:
             seen.append(json.loads(await ws.recv()))
-        terminal_after = loop.time() - cancelled_at
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(10):  # a guard; the figures are test_cancel_across_instances_latency's
         await upstream_request.disconnected_event.wait()
     assert upstream_request.finished_at is not None
-    upstream_closed_after = upstream_request.finished_at - cancelled_at
 
     assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
     assert seen[-1]["type"] == "run.cancelled"
     assert text_of(seen) == "".join(f"part{i} " for i in range(6))
-    assert terminal_after < 1.0
-    assert upstream_closed_after < 1.0
     stored = (await cluster.b.get(f"/v1/chats/{chat}")).json()["messages"][-1]
     assert (stored["status"], stored["content"]) == ("cancelled", text_of(seen))
 
 
-async def test_cancel_across_instances_100_trials(cluster: Cluster) -> None:
-    """R12: run on A, cancel on B; terminal event p99 ≤ 1 s, upstream closed ≤ 2 s, second cancel is 200."""
-    trials = 100
+async def cancel_trials(cluster: Cluster, trials: int) -> tuple[list[float], list[float]]:
+    """``trials`` runs started on A and cancelled on B, overlapping a few at a time.
+
+    Each must end in ``run.cancelled`` with nothing the upstream sent after the cancel, its upstream
+    request closed, and a second cancel answered 200. Returns, per trial and sorted, the seconds from the
+    cancel to the terminal event on B's stream, and to the upstream request's end.
+    """
     chats = [await cluster.create_chat() for _ in range(trials)]
     loop = asyncio.get_running_loop()
     limiter = asyncio.Semaphore(5)  # trials overlap, but not so many that the test measures its own load
@@ -148,7 +146,7 @@ async def test_cancel_across_instances_100_trials(cluster: Cluster) -> None:
             first = await cluster.b.post(f"/v1/runs/{run['id']}/cancel")
             _, events = await reader
             terminal_after = loop.time() - cancelled_at
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(10):  # a guard, not the figure
                 await request.disconnected_event.wait()
             assert request.finished_at is not None
             second = await cluster.b.post(f"/v1/runs/{run['id']}/cancel")
@@ -158,14 +156,24 @@ async def test_cancel_across_instances_100_trials(cluster: Cluster) -> None:
             return terminal_after, request.finished_at - cancelled_at
 
     results = await asyncio.gather(*(trial(chat) for chat in chats))
-    terminal = sorted(r[0] for r in results)
-    closed = [r[1] for r in results]
+    terminal, closed = sorted(r[0] for r in results), sorted(r[1] for r in results)
     p99 = terminal[int(0.99 * len(terminal)) - 1]
-    print(
-        f"R12: terminal p50 {statistics.median(terminal):.3f}s p99 {p99:.3f}s; upstream closed max {max(closed):.3f}s"
-    )
-    assert p99 <= 1.0
-    assert max(closed) <= 2.0
+    print(f"R12: terminal p50 {statistics.median(terminal):.3f}s p99 {p99:.3f}s; upstream closed max {closed[-1]:.3f}s")
+    return terminal, closed
+
+
+async def test_cancel_across_instances_100_trials(cluster: Cluster) -> None:
+    """R12, what must hold whatever the machine's load: every cancel on B ends A's run and its upstream."""
+    terminal, closed = await cancel_trials(cluster, 100)
+    assert len(terminal) == len(closed) == 100
+
+
+@pytest.mark.latency
+async def test_cancel_across_instances_latency(cluster: Cluster) -> None:
+    """R12's figures (`just test-latency`): terminal event p99 <= 1 s, upstream closed <= 2 s after the cancel."""
+    terminal, closed = await cancel_trials(cluster, 100)
+    assert terminal[int(0.99 * len(terminal)) - 1] <= 1.0
+    assert closed[-1] <= 2.0
 
 
 async def test_a_crashed_owner_fails_its_run_for_readers_on_other_instances(cluster: Cluster) -> None:
