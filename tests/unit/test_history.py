@@ -1,9 +1,26 @@
-"""``recent``: the newest whole turns of a chat that fit the history cap."""
+"""A chat's history (service/runs/transcript.py): a run's events folded into the messages it stores
+(``Transcript``), the newest whole turns that fit the history cap (``recent``), and the stored
+messages as the model's ``messages`` list (``openai_history``)."""
 
 from __future__ import annotations
 
-from service.runs.transcript import recent
-from service.store.base import Message, ToolCallRecord
+from typing import Any
+
+import msgspec
+
+from service.events import (
+    OutputDone,
+    ReasoningDelta,
+    RefusalDelta,
+    RunStarted,
+    TextDelta,
+    TextDone,
+    ToolCallDone,
+    ToolResult,
+    Usage,
+)
+from service.runs.transcript import Transcript, openai_history, recent
+from service.store.base import Message, ToolCallRecord, UsageRecord
 
 
 def msg(role: str, content: object = None, **fields: object) -> Message:
@@ -39,3 +56,164 @@ def test_image_parts_count_by_their_url() -> None:
     image = [{"type": "image_url", "image_url": {"url": "data:" + "x" * 100}}]
     history = [msg("user", image), msg("assistant", "ok"), msg("user", "hi")]
     assert recent(history, 50) == history[2:]
+
+
+# --- Transcript -------------------------------------------------------------------------------------
+
+RUN = "run-1"
+
+
+def transcript(*events: Any) -> Transcript:
+    folded = Transcript(chat_id="c", run_id=RUN, message_id="final")
+    for event in events:
+        folded.add(event)
+    return folded
+
+
+def fields(message: Message) -> dict[str, Any]:
+    """A stored message without what is minted as it is built (its id, unless it is the final one, and its time)."""
+    values = msgspec.structs.asdict(message)
+    del values["created_at"]
+    if values["id"] != "final":
+        del values["id"]
+    return {k: v for k, v in values.items() if v is not None and k not in {"chat_id", "run_id"}}
+
+
+def test_a_plain_answer_is_one_assistant_message_under_the_runs_message_id() -> None:
+    folded = transcript(
+        RunStarted(run_id=RUN, chat_id="c", model="m", created_at=1.0),  # events without content change nothing
+        ReasoningDelta(run_id=RUN, delta="hm "),
+        ReasoningDelta(run_id=RUN, delta="ok"),
+        TextDelta(run_id=RUN, delta="Hello"),
+        TextDelta(run_id=RUN, delta=" there"),
+        TextDone(run_id=RUN, text="Hello there"),
+        Usage(run_id=RUN, prompt_tokens=5, completion_tokens=2, total_tokens=7),
+    )
+    assert folded.usage == UsageRecord(5, 2, 7)
+    (final,) = folded.messages("completed", "stop")
+    assert (final.chat_id, final.run_id) == ("c", RUN)
+    assert fields(final) == {
+        "id": "final",
+        "role": "assistant",
+        "content": "Hello there",  # the deltas, not TextDone as well
+        "reasoning": "hm ok",
+        "finish_reason": "stop",
+        "usage": UsageRecord(5, 2, 7),
+        "status": "completed",
+    }
+
+
+def test_a_tool_round_stores_the_call_message_then_each_result_then_the_answer() -> None:
+    search = ToolCallDone(run_id=RUN, call_id="call_1", name="search", arguments='{"q": "x"}', parsed={"q": "x"})
+    clock = ToolCallDone(run_id=RUN, call_id="call_2", name="clock", arguments="{}", parsed={})
+    folded = transcript(
+        TextDelta(run_id=RUN, delta="Let me look."),
+        search,
+        clock,
+        ToolResult(run_id=RUN, call_id="call_1", name="search", output="found"),
+        ToolResult(run_id=RUN, call_id="call_2", name="clock", output="boom", is_error=True),
+        TextDelta(run_id=RUN, delta="It is noon."),
+    )
+    asked, first, second, final = folded.messages("completed", "stop")
+    calls = [ToolCallRecord("call_1", "search", '{"q": "x"}'), ToolCallRecord("call_2", "clock", "{}")]
+    assert fields(asked) == {
+        "role": "assistant",
+        "content": "Let me look.",  # what the model said before calling stays with its calls
+        "tool_calls": calls,
+        "finish_reason": "tool_calls",
+        "status": "completed",
+    }
+    assert fields(first) == {
+        "role": "tool",
+        "content": "found",
+        "tool_call_id": "call_1",
+        "name": "search",
+        "is_error": False,
+        "status": "completed",  # the default: a tool message has no status of its own
+    }
+    assert fields(second) == {
+        "role": "tool",
+        "content": "boom",
+        "tool_call_id": "call_2",
+        "name": "clock",
+        "is_error": True,
+        "status": "completed",
+    }
+    assert fields(final) == {
+        "id": "final",
+        "role": "assistant",
+        "content": "It is noon.",
+        "finish_reason": "stop",
+        "status": "completed",
+    }
+    assert len({asked.id, first.id, second.id, final.id}) == 4
+
+
+def test_calls_without_results_when_the_run_stops_stay_on_the_final_message() -> None:
+    pending = ToolCallDone(run_id=RUN, call_id="call_1", name="search", arguments="{}", parsed={})
+    (final,) = transcript(TextDelta(run_id=RUN, delta="Searching"), pending).messages("cancelled", None)
+    assert fields(final) == {
+        "id": "final",
+        "role": "assistant",
+        "content": "Searching",
+        "tool_calls": [ToolCallRecord("call_1", "search", "{}")],
+        "status": "cancelled",
+    }
+
+
+def test_refusal_and_structured_output_are_kept_on_the_final_message() -> None:
+    refused = transcript(RefusalDelta(run_id=RUN, delta="I can"), RefusalDelta(run_id=RUN, delta="not"))
+    assert fields(refused.messages("completed", "stop")[0])["refusal"] == "I cannot"
+    answered = transcript(TextDelta(run_id=RUN, delta='{"n": 1}'), OutputDone(run_id=RUN, output={"n": 1}))
+    assert fields(answered.messages("completed", "stop")[0])["output"] == {"n": 1}
+
+
+def test_a_run_that_said_nothing_stores_an_empty_final_message() -> None:
+    folded = transcript()
+    assert folded.usage is None
+    (final,) = folded.messages("failed", None)
+    assert fields(final) == {"id": "final", "role": "assistant", "status": "failed"}
+
+
+# --- openai_history ---------------------------------------------------------------------------------
+
+
+def test_openai_history_is_the_system_prompt_then_each_message_as_the_model_reads_it() -> None:
+    call = ToolCallRecord(id="t1", name="clock", arguments="{}")
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    history = [
+        msg("user", parts),
+        msg("assistant", "Checking.", tool_calls=[call]),
+        msg("tool", "noon", tool_call_id="t1", name="clock"),
+        msg("assistant", "It is noon."),
+    ]
+    assert openai_history("Be brief.", history) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": parts},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "t1", "content": "noon"},
+        {"role": "assistant", "content": "It is noon."},
+    ]
+    assert openai_history(None, history[:1]) == [{"role": "user", "content": parts}]
+
+
+def test_an_interrupted_answer_keeps_its_text_but_never_calls_that_got_no_result() -> None:
+    call = ToolCallRecord(id="t1", name="clock", arguments="{}")
+    history = [
+        msg("user", "a"),
+        msg("assistant", "Half an ans", status="cancelled", tool_calls=[call]),
+        msg("user", "b"),
+        msg("assistant", None, status="failed", tool_calls=[call]),  # nothing said: nothing for the model
+        msg("user", "c"),
+        msg("assistant", None, status="cancelled"),
+    ]
+    assert openai_history(None, history) == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "Half an ans"},
+        {"role": "user", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
