@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -183,13 +184,18 @@ async def test_a_token_within_the_leeway_and_a_rotated_key_are_accepted(
     assert keys.jwks_fetches == fetches + 1  # fetched again for the unknown kid, once
 
 
-async def test_hs256_secret_and_pem_public_key_configurations(make_service: ServiceFactory, keys: SigningKeys) -> None:
+async def test_hs256_secret_and_pem_public_key_configurations(
+    make_service: ServiceFactory, keys: SigningKeys, tmp_path: Path
+) -> None:
     with_secret = await make_service(**jwt_settings(jwt_secret=SECRET))
     assert (await with_secret.http.get("/v1/chats", headers=bearer(hs256("alice")))).status_code == 200
     assert (await with_secret.http.get("/v1/chats", headers=bearer(hs256("alice", secret="x" * 40)))).status_code == 401
     assert (await with_secret.http.get("/v1/chats", headers=bearer(keys.token("alice")))).status_code == 401
 
-    with_pem = await make_service(**jwt_settings(jwt_public_key=keys.public_pem(), jwt_algorithm="RS256"))
+    with_pem = await make_service(  # a database of its own: a second process on one SQLite file refuses to start
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'pem.db'}",
+        **jwt_settings(jwt_public_key=keys.public_pem(), jwt_algorithm="RS256"),
+    )
     assert (await with_pem.http.get("/v1/chats", headers=bearer(keys.token("alice")))).status_code == 200
     assert (await with_pem.http.get("/v1/chats", headers=bearer(hs256("alice")))).status_code == 401
 

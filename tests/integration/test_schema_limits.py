@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,11 +97,11 @@ def test_the_demo_model_is_off_once_an_upstream_is_configured() -> None:
         Settings.from_env({"SERVICE_OPENAI_BASE_URL": "http://127.0.0.1:1/v1"})
 
 
-async def test_models_list_the_demo_only_when_it_is_on(make_service: ServiceFactory) -> None:
+async def test_models_list_the_demo_only_when_it_is_on(make_service: ServiceFactory, tmp_path: Path) -> None:
     without = await make_service()
     assert "demo" not in {m["id"] for m in (await without.http.get("/v1/models")).json()["data"]}
     response = await without.http.post("/v1/chats", json={"model": "demo"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unknown_model"
-    with_demo = await make_service(demo=True)
+    with_demo = await make_service(demo=True, database_url=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")  # its own
     assert "demo" in {m["id"] for m in (await with_demo.http.get("/v1/models")).json()["data"]}
