@@ -6,6 +6,8 @@ Run it with ``python -m service`` or ``uvicorn service.app:create_app --factory`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ from litestar.static_files import create_static_files_router  # pyright: ignore[
 from service.api.auth import AUTH_MIDDLEWARE, EXCLUDE_FROM_AUTH, SECURITY_SCHEMES, quiet_refused_handshakes
 from service.api.chats import ChatController
 from service.api.deps import DEPENDENCIES
+from service.api.drain import DrainMiddleware, drain_on_exit_signal
 from service.api.health import HealthController
 from service.api.hosts import HostMiddleware, allowed_hosts, require_json_body
 from service.api.models import CatalogController
@@ -175,10 +178,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 raise
         await tools.start()
         await runs.start()
+        exit_signal = asyncio.create_task(drain_on_exit_signal(runs.begin_drain))
         tune_gc()
         try:
             yield
         finally:
+            exit_signal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exit_signal
             await runs.close()
             await tools.close()
             await store.close()
@@ -216,6 +223,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         middleware=[
             DefineMiddleware(HostMiddleware, hosts=allowed_hosts(settings)),
+            DefineMiddleware(DrainMiddleware, begin_drain=runs.begin_drain),
             PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware,
             AUTH_MIDDLEWARE,
             *_rate_limit(settings),

@@ -13,7 +13,7 @@
     ├── RunExpiredError (410 run_expired)
     ├── LimitExceededError (422 history_too_long | too_many_parts)
     ├── TooManyRequestsError (429 too_many_runs | budget_exhausted; ``Retry-After``)
-    └── UnavailableError (503 store_unavailable | mcp_unavailable | runs_unavailable)
+    └── UnavailableError (503 store_unavailable | mcp_unavailable | runs_unavailable | shutting_down)
 
 Litestar's own validation errors become 400 ``invalid_request`` naming the
 field; other ``HTTPException``s keep their status; anything else is logged

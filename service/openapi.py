@@ -359,8 +359,11 @@ Client frames: `run.create`, `run.resume`, `run.cancel`, `ping`. Server frames: 
 API). A bad frame (invalid JSON, unknown `type`, missing field, too large) gets an `error` frame whose
 `ref` is its `client_ref` or `run_id` when known, and the socket stays open. Close codes: 1008 when a
 client sends frames faster than the rate limit or its `Origin` is not allowed, 1009 for a frame over
-the transport's maximum size (1 MiB). Runs continue when the socket drops; resume with `run.resume`.
-Clients must ignore frame and event types they do not know."""
+the transport's maximum size (1 MiB), 1012 when the service shuts down: it keeps streaming through its
+grace period, refuses `run.create` with an `error` frame `shutting_down`, and closes the socket once every
+run it follows has sent its terminal event (a run still going at the end of the grace period is cancelled
+with reason `shutdown`); reconnect and resume. Runs continue when the socket drops; resume with
+`run.resume`. Clients must ignore frame and event types they do not know."""
 
 
 def _union_members(union: object) -> list[type[msgspec.Struct]]:

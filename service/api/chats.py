@@ -154,6 +154,11 @@ class ChatController(Controller):
             ),
             409: ResponseSpec(ErrorEnvelope, description="The chat already has an active run (`detail.active_run_id`)"),
             **ERRORS,
+            503: ResponseSpec(
+                ErrorEnvelope,
+                description="The chat store is unavailable, or this instance is shutting down (`shutting_down`: "
+                "start the run again, another instance will take it)",
+            ),
         },
     )
     async def create_run(

@@ -32,8 +32,9 @@ class HealthController(Controller):
 
     @get("/readyz", operation_id="Readyz")
     async def readyz(self, store: NamedDependency[ChatStore], runs: NamedDependency[RunManager]) -> Response[Health]:
-        """200 when the chat store and the run backend answer, 503 otherwise."""
+        """200 when the chat store and the run backend answer, 503 otherwise (`draining` once shutting down)."""
         store_ok, runs_ok = await store.ping(), await runs.backend.ping()
-        ready = store_ok and runs_ok
-        body = Health(status="ready" if ready else "unavailable", store=store_ok, runs=runs_ok)
+        ready = store_ok and runs_ok and not runs.draining
+        status = "ready" if ready else "draining" if runs.draining else "unavailable"
+        body = Health(status=status, store=store_ok, runs=runs_ok)
         return Response(body, status_code=200 if ready else 503)

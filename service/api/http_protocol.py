@@ -16,6 +16,10 @@ socket, so a stalled WebSocket reader is bounded the same way.
 The cost: one connection cannot have more than this buffer in flight, so a single large response
 over a long round trip is slower (256 KB per round trip: 2.5 MB/s at 100 ms). Event streams and
 JSON answers of this service are far below that.
+
+``shutdown()`` (uvicorn's graceful shutdown begins) also tells the app, so that it drains its streams
+(``api/drain.py``); uvicorn's own behaviour is kept (idle connections close, busy ones after their
+response).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import socket
 from typing import Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.api.drain import server_drain
 
 SEND_BUFFER_BYTES: Final = 64 * 1024
 """Requested ``SO_SNDBUF`` (Linux doubles it for its own bookkeeping)."""
@@ -38,3 +44,8 @@ class HttpProtocol(HttpToolsProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
+        server_drain(self.app_state)  # in the state each request's scope copies, for DrainMiddleware
+
+    def shutdown(self) -> None:  # noqa: D102
+        server_drain(self.app_state).begin()
+        super().shutdown()

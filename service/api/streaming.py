@@ -65,8 +65,9 @@ class _EventStream(EventSourceResponse):
     - ``_ping`` and ``_listen_for_disconnect`` run as one plain asyncio task each; when one of them
       ends, the stream is cancelled: quietly when the client went away, with the helper's error when
       it failed;
-    - one task per event loop waits for sse-starlette's shutdown signal and then ends every open
-      stream, as each stream's own listener did;
+    - no shutdown listener: at shutdown the run manager drains (decision 46), so a stream ends with
+      its run's terminal event, or, for a run that goes on elsewhere, as if its log had ended; either
+      way its body is completed (sse-starlette's listener cut every stream mid-body at once);
     - a send blocked for ``send_timeout`` or longer fails the response with ``SendTimeoutError``:
       instead of sse-starlette's cancel scope around every send (about 6 µs of CPU per event, some
       7 % of the service's cost per streamed token), a watchdog looks every ``send_timeout / 8``
@@ -106,7 +107,7 @@ class _EventStream(EventSourceResponse):
 
 
 class _Guard:
-    """Cancels one response's stream (the request's task) for its helpers, its watchdog and shutdown."""
+    """Cancels one response's stream (the request's task) for its helpers and its watchdog."""
 
     def __init__(
         self, response: _EventStream, task: asyncio.Task[Any], helpers: list[Coroutine[Any, Any, None]]
@@ -122,7 +123,6 @@ class _Guard:
         self._watchdog = (
             None if timeout is None else loop.call_later(timeout / WATCHES_PER_TIMEOUT, self._watch, timeout)
         )
-        _open_streams(loop).add(self)
 
     def end(self, error: BaseException | None) -> None:
         """Cancel the stream; the response then ends quietly (``error`` None) or raises ``error``."""
@@ -142,7 +142,6 @@ class _Guard:
     def close(self) -> None:
         """The stream is over: stop the helpers and the watchdog; nothing cancels the task any more."""
         self._ending.append(None)
-        _open_streams(self._task.get_loop()).discard(self)
         for helper in self._helpers:
             helper.cancel()
         if self._watchdog is not None:
@@ -158,32 +157,6 @@ class _Guard:
             self.end(SendTimeoutError())
         else:
             self._watchdog = self._task.get_loop().call_later(timeout / WATCHES_PER_TIMEOUT, self._watch, timeout)
-
-
-_STREAMS: dict[asyncio.AbstractEventLoop, set[_Guard]] = {}
-_SHUTDOWN_WATCHERS: set[asyncio.Task[None]] = set()
-
-
-def _open_streams(loop: asyncio.AbstractEventLoop) -> set[_Guard]:
-    """The open streams of ``loop``; the first one starts the loop's shutdown watcher."""
-    streams = _STREAMS.get(loop)
-    if streams is None:
-        streams = _STREAMS[loop] = set()
-        watcher = loop.create_task(_end_streams_at_shutdown(loop, streams))
-        _SHUTDOWN_WATCHERS.add(watcher)
-        watcher.add_done_callback(_SHUTDOWN_WATCHERS.discard)
-    return streams
-
-
-async def _end_streams_at_shutdown(loop: asyncio.AbstractEventLoop, streams: set[_Guard]) -> None:
-    """Wait for sse-starlette's shutdown signal (as each of its streams does), then end every open stream."""
-    try:
-        await EventSourceResponse._listen_for_exit_signal()  # pyright: ignore[reportPrivateUsage]
-        for guard in list(streams):
-            guard.end(None)
-    finally:
-        if _STREAMS.get(loop) is streams:
-            del _STREAMS[loop]  # the next stream starts a new watcher, which ends it at once while exiting
 
 
 def as_asgi(response: object) -> ASGIApp:

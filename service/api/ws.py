@@ -5,7 +5,9 @@ Server frames: the run events (the same JSON as SSE ``data``), ``run.accepted``,
 ``run.resumed``, ``pong`` and ``error``. A bad frame gets an ``error`` frame and
 the socket stays open. Closing codes: 1008 when a client sends frames faster
 than the rate limit allows (or a disallowed ``Origin``), 1009 (by the server)
-for a frame over the transport's maximum size.
+for a frame over the transport's maximum size, 1012 when the service shuts down
+(once every run the socket follows has sent its terminal event; reconnect and
+resume, on another instance with Redis).
 
 Each followed run has a task of its own that reads the run's log and sends;
 a dropped socket cancels those tasks (the runs go on, unless created with
@@ -107,6 +109,8 @@ ServerFrame = RunAccepted | RunResumed | Pong | ErrorFrame
 _decoder = msgspec.json.Decoder(ClientFrame)
 RATE_LIMIT_CLOSE = 1008
 MESSAGE_TOO_BIG_CLOSE = 1009
+SHUTDOWN_CLOSE = 1012
+"""Service restart: the instance drained (decision 46); the client reconnects and resumes."""
 
 
 def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -139,6 +143,8 @@ class _Session:
         self.send_lock = asyncio.Lock()
         self.tokens = float(settings.ws_frame_burst)
         self.refilled = time.monotonic()
+        self.closing: asyncio.Task[None] | None = None
+        self.ended = False
 
     async def send(self, frame: object) -> None:
         # The ASGI event itself: ``send_data`` would only rebuild it (the socket is accepted).
@@ -146,15 +152,33 @@ class _Session:
             await self.socket.send({"type": "websocket.send", "bytes": None, "text": ws_frame(frame)})
 
     async def serve(self) -> None:
+        unsubscribe = self.runs.on_drain(self._close_if_drained)
         try:
+            self._close_if_drained()
             while await self._next_frame():
                 pass
         except WebSocketDisconnect:
             return
         finally:
+            self.ended = True
+            unsubscribe()
             for task in [*self.followers.values(), *self.tasks]:
                 task.cancel()
             await asyncio.gather(*self.followers.values(), *self.tasks, return_exceptions=True)
+            if self.closing is not None:
+                await self.closing
+
+    def _close_if_drained(self) -> None:
+        """While the service drains, close the socket once it follows no run and has no frame under way."""
+        if self.ended or self.closing is not None or not self.runs.draining:
+            return
+        if not self.followers and not self.tasks:
+            self.closing = asyncio.create_task(self._close_for_shutdown())
+
+    async def _close_for_shutdown(self) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the peer may have gone already
+            async with self.send_lock:
+                await self.socket.close(SHUTDOWN_CLOSE, "the service is shutting down; reconnect")
 
     async def _next_frame(self) -> bool:
         """Receive and handle one frame; False once the socket is done.
@@ -202,7 +226,11 @@ class _Session:
     def _spawn(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._close_if_drained()
 
     async def _create(self, frame: CreateFrame) -> None:
         ref = frame.client_ref
@@ -243,7 +271,12 @@ class _Session:
             previous.cancel()
         task = asyncio.create_task(self._pump(events))
         self.followers[run_id] = task
-        task.add_done_callback(lambda t: self.followers.pop(run_id, None) if self.followers.get(run_id) is t else None)
+        task.add_done_callback(lambda t: self._follower_done(run_id, t))
+
+    def _follower_done(self, run_id: str, task: asyncio.Task[None]) -> None:
+        if self.followers.get(run_id) is task:
+            del self.followers[run_id]
+        self._close_if_drained()
 
     async def _pump(self, events: AsyncIterator[AnyEvent]) -> None:
         with contextlib.suppress(WebSocketDisconnect):

@@ -2,8 +2,8 @@
 
 ``python -m service`` uses it, and so does the README's production command
 (``uvicorn ... --ws service.api.ws_protocol:WebSocketProtocol``). It is uvicorn's own
-``WebSocketsSansIOProtocol`` with five intentional divergences, each measured by
-``tests/integration/test_ws_hostile.py``:
+``WebSocketsSansIOProtocol`` with six intentional divergences, the first five measured by
+``tests/integration/test_ws_hostile.py``, the sixth by ``tests/integration/test_shutdown.py``:
 
 1. **A message cap whatever ``--ws-max-size`` says.** A message over :data:`MAX_MESSAGE_BYTES` (1 MiB)
    is closed with 1009 while it is read; uvicorn's default would buffer up to 16 MiB first.
@@ -19,6 +19,11 @@
 5. **A ping budget.** Past :data:`PING_BURST` pings, more than :data:`PINGS_PER_S` a second close the
    socket with 1008 (policy violation): answering a flood of pings took the event loop from every
    other stream.
+6. **Shutdown drains.** uvicorn's graceful shutdown closes every open socket with 1012 at once, while
+   its runs go on with nobody reading. Here ``shutdown()`` tells the app (``api/drain.py``), which
+   keeps streaming for the grace period and closes each socket itself once its runs have sent their
+   terminal event (decision 46); a socket not yet accepted, or one whose app does not listen for
+   the drain, is closed as uvicorn does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any, Final
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
+
+from service.api.drain import server_drain
 
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 """The largest message the service reads (ACCEPTANCE W2: 1 MiB; larger ones close with 1009)."""
@@ -106,3 +113,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
             return
         super().handle_ping()
+
+    # -- divergence 6 ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:  # noqa: D102
+        drain = server_drain(self.app_state)
+        drain.begin()
+        if self.handshake_complete and not self.close_sent and drain.heard:
+            return  # the app closes the socket once its runs are done
+        super().shutdown()

@@ -18,6 +18,13 @@ off). A chat or run of another owner answers exactly as an unknown one does (404
 the same body), and an expired run's tombstone remembers its owner for the same
 reason. The owner's limits (running runs, tokens per window) are checked before
 the run starts, so a refused start reaches no upstream.
+
+Shutdown drains (decision 46): ``begin_drain`` (the server's graceful shutdown began)
+refuses new runs with 503 ``shutting_down`` and tells the listeners (WebSocket
+sessions); the runs of this instance may finish within the grace period, the rest
+are cancelled with reason ``shutdown``, so every reader gets a terminal event and
+its stream ends by itself. Readers of runs that go on elsewhere (another instance
+owns them) are then stopped, ending their streams cleanly, and resume elsewhere.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +50,7 @@ from service.ids import new_id
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
 from service.runs.memory import terminal_status
+from service.runs.readers import Reader
 from service.runs.transcript import Transcript, openai_history, recent
 from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
 
@@ -126,27 +134,67 @@ class RunManager:
         self._chat_chars = 0
         self._cancel_reasons: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._readers: set[Reader] = set()
+        self.draining = False
+        """The server is shutting down: no new runs, ``/readyz`` answers 503."""
+        self._drain_listeners: list[Callable[[], None]] = []
+        self._drained: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the backend and listen for cancel requests."""
         await self.backend.start(self._on_cancel)
 
     async def close(self) -> None:
-        """Let running runs finish within the grace period, then cancel them with reason ``shutdown``."""
-        tasks = list(self._tasks.values())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self._grace)
-            for run_id, task in list(self._tasks.items()):
-                if task in pending:
-                    self._cancel_reasons[run_id] = "shutdown"
-                    task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Drain (if the server's shutdown did not begin it already), then stop the backend."""
+        self.begin_drain()
+        assert self._drained is not None  # noqa: S101 - begin_drain made it
+        await self._drained
         await self.backend.close()
+
+    def begin_drain(self) -> None:
+        """The server is shutting down: refuse new runs, end the rest within the grace period (idempotent)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d runs running, %d readers", len(self._tasks), len(self._readers))
+        self._drained = asyncio.get_running_loop().create_task(self._drain(), name="drain")
+        for listener in list(self._drain_listeners):
+            listener()
+
+    def on_drain(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` when the drain begins; returns the call that unsubscribes it."""
+        self._drain_listeners.append(listener)
+        return lambda: self._drain_listeners.remove(listener)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._grace
+        while self._tasks and (left := deadline - loop.time()) > 0:  # a start under way may add one
+            await asyncio.wait(list(self._tasks.values()), timeout=left)
+        pending = list(self._tasks.items())
+        for run_id, task in pending:
+            self._cancel_reasons[run_id] = "shutdown"
+            task.cancel()
+        await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        for reader in list(self._readers):
+            if await self._goes_on(reader.run_id):
+                reader.stop()
+
+    async def _goes_on(self, run_id: str) -> bool:
+        """Whether a run is still running (on another instance, once this one's runs have ended)."""
+        try:
+            return (await self.backend.get_run(run_id)).finished_at is None
+        except Exception:  # an unknown, expired or unreadable run: its reader has nothing to wait for
+            return True
 
     async def start_run(
         self, chat_id: str, options: RunOptions, idempotency_key: str | None = None, *, owner: str | None = None
     ) -> tuple[RunRecord, bool]:
         """Start a run on a chat; returns ``(run, created)`` (an idempotent retry gives ``created=False``)."""
+        if self.draining:
+            raise errors.UnavailableError(
+                "the service is shutting down; start the run again (on another instance)", code="shutting_down"
+            )
         chat = self._chats.get(chat_id) or await self._chat(chat_id, owner)
         if chat.owner != owner:
             raise _not_found("chat", chat_id)
@@ -402,12 +450,23 @@ class RunManager:
 
     async def _follow(self, record: RunRecord, after: int) -> AsyncIterator[AnyEvent]:
         await self.backend.attach(record.id)
+        reader = Reader(record.id, asyncio.current_task())
+        self._readers.add(reader)
+        reader.waiting = True
         try:
             async for event in self.backend.read(record.id, after):
+                reader.waiting = False
                 yield event
+                if reader.stopping:
+                    return
+                reader.waiting = True
         except (base.CursorError, base.RunExpiredError) as exc:
             log.info("reader of run %s stopped: %s", record.id, exc)
+        except asyncio.CancelledError:
+            if not reader.stopped_by_cancel():
+                raise
         finally:
+            self._readers.discard(reader)
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
             self._spawn(self._release(record))
 
