@@ -134,6 +134,58 @@ class Usage(Event, tag="usage", frozen=True):
     total_tokens: int
 
 
+class TokenUsage(msgspec.Struct, frozen=True, gc=False):
+    """Token counts (as in ``usage``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SnapshotToolCall(msgspec.Struct, frozen=True, gc=False):
+    """A tool call as far as the run got: its arguments so far, complete once ``done``."""
+
+    call_id: str
+    name: str
+    arguments: str = ""
+    parsed: dict[str, Any] | None = None
+    """The latest parsed arguments (partial until ``done``; null when they do not parse)."""
+    done: bool = False
+
+
+class SnapshotToolResult(msgspec.Struct, frozen=True, gc=False):
+    """A tool's result (as in ``tool.result``)."""
+
+    call_id: str
+    name: str
+    output: str
+    is_error: bool = False
+
+
+class RunSnapshot(Event, tag="run.snapshot", frozen=True):
+    """The run's accumulated state through ``seq``: what a client that read every event up to it has built.
+
+    Sent in place of the events up to ``seq`` to a reader whose cursor is older than the events the
+    service still keeps, or who asked for it (``snapshot=true``); the events after ``seq`` follow, and a
+    reconnect resumes after ``seq`` as after any event. ``text``, ``reasoning`` and ``refusal`` are the
+    run's deltas concatenated (over all its model turns); ``tool_calls`` are in the order they started,
+    ``tool_results`` in the order they came; ``output`` is the latest structured output (final once
+    ``output_done``); ``usage`` the latest usage. A client replaces what it had built with this.
+    """
+
+    chat_id: str | None = None
+    model: str | None = None
+    created_at: float | None = None
+    text: str = ""
+    reasoning: str = ""
+    refusal: str = ""
+    tool_calls: list[SnapshotToolCall] = msgspec.field(default_factory=list[SnapshotToolCall])
+    tool_results: list[SnapshotToolResult] = msgspec.field(default_factory=list[SnapshotToolResult])
+    output: Any = None
+    output_done: bool = False
+    usage: TokenUsage | None = None
+
+
 class RunCompleted(Event, tag="run.completed", frozen=True):
     """Terminal: the model finished; the answer is stored as ``message_id``."""
 
@@ -176,6 +228,7 @@ AnyEvent = (
     | RefusalDelta
     | RefusalDone
     | Usage
+    | RunSnapshot
     | RunCompleted
     | RunCancelled
     | RunFailed

@@ -62,6 +62,10 @@ class RunController(Controller):
         settings: NamedDependency[Settings],
         principal: NamedDependency[Principal],
         after: Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")] = 0,
+        snapshot: Annotated[
+            bool,
+            QueryParameter(description="Start with one `run.snapshot` of the run so far instead of its events"),
+        ] = False,
         last_event_id: Annotated[
             str | None,
             HeaderParameter(name="Last-Event-ID", description="Set by EventSource on reconnect; wins over `after`"),
@@ -72,9 +76,13 @@ class RunController(Controller):
         A browser `EventSource` can open it with no custom header and resumes by itself. A finished run
         with nothing left to send answers `204`, which stops EventSource from reconnecting. With auth on,
         a browser passes a stream token from `POST /v1/runs/{run_id}/stream-token` as `?token=`.
+
+        A cursor older than the events the service still keeps (more than `SERVICE_MAX_EVENTS_PER_RUN`)
+        gets one `run.snapshot` (the run's accumulated state at its `seq`) and then the events after it;
+        `?snapshot=true` asks for the same, which saves a late joiner the replay of every delta.
         """
         start = after if last_event_id is None else _cursor(last_event_id)
-        events = await runs.open_events(run_id, start, principal.owner)
+        events = await runs.open_events(run_id, start, principal.owner, snapshot=snapshot)
         if events is None:
             return as_asgi(Response(None, status_code=204))
         return sse_response(events, settings)

@@ -51,10 +51,15 @@ class CreateFrame(RunCreate, frozen=True, kw_only=True, tag_field="type", tag="r
 
 
 class ResumeFrame(msgspec.Struct, frozen=True, tag_field="type", tag="run.resume", forbid_unknown_fields=True):
-    """Follow a run again from after ``after`` (the last seq received)."""
+    """Follow a run again from after ``after`` (the last seq received).
+
+    With ``snapshot`` (or when ``after`` is older than the events still kept) one ``run.snapshot`` of the
+    run so far comes first, then the events after it.
+    """
 
     run_id: str
     after: int = 0
+    snapshot: bool = False
 
 
 class CancelFrame(msgspec.Struct, frozen=True, tag_field="type", tag="run.cancel", forbid_unknown_fields=True):
@@ -251,7 +256,7 @@ class _Session:
     async def _resume(self, frame: ResumeFrame) -> None:
         try:
             record = await self.runs.get_run(frame.run_id, self.owner)
-            events = await self.runs.open_events(frame.run_id, frame.after, self.owner)
+            events = await self.runs.open_events(frame.run_id, frame.after, self.owner, snapshot=frame.snapshot)
         except errors.ServiceError as exc:
             await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
             return

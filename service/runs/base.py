@@ -23,7 +23,7 @@ from typing import Literal
 
 import msgspec
 
-from service.events import AnyEvent
+from service.events import AnyEvent, RunSnapshot
 
 RunStatus = Literal["running", "completed", "cancelled", "failed"]
 OnDisconnect = Literal["continue", "cancel"]
@@ -133,6 +133,14 @@ class RunBackend(ABC):
         or ``CursorError`` when ``after`` is negative, beyond the log's end, or
         before its first kept event (and mid-read for a reader that falls
         behind the per-run cap).
+        """
+
+    @abstractmethod
+    async def snapshot(self, run_id: str) -> RunSnapshot:
+        """The run's state at a seq from which every later event is still in the log (decision 47).
+
+        ``read(run_id, snapshot.seq)`` then gives the rest. A run whose log still has all its events
+        answers the empty snapshot at seq 0. Raises ``RunNotFoundError`` or ``RunExpiredError``.
         """
 
     @abstractmethod

@@ -51,11 +51,14 @@ from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
 from service.runs.memory import terminal_status
 from service.runs.readers import Reader
+from service.runs.snapshot import SnapshotFold
 from service.runs.transcript import Transcript, openai_history, recent
 from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
 
 log = logging.getLogger("service.runs")
 
+_SNAPSHOT_RETRIES = 3
+"""How often one reader falls back to a snapshot (its cursor older than the kept events) before it stops."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
 
@@ -433,10 +436,14 @@ class RunManager:
             await self.backend.request_cancel(run_id, reason)
         return record
 
-    async def open_events(self, run_id: str, after: int, owner: str | None) -> AsyncIterator[AnyEvent] | None:
+    async def open_events(
+        self, run_id: str, after: int, owner: str | None, *, snapshot: bool = False
+    ) -> AsyncIterator[AnyEvent] | None:
         """Events after ``after``, then live ones; None when a finished run has nothing left to send.
 
-        Raises 404/410 for unknown/expired runs and 400 ``invalid_cursor`` for a cursor past the log.
+        With ``snapshot``, or when ``after`` is older than the events still kept, a ``run.snapshot`` of
+        the run so far comes first and then the events after it (decision 47). Raises 404/410 for
+        unknown/expired runs and 400 ``invalid_cursor`` for a cursor past the log.
         """
         record = await self.get_run(run_id, owner)
         if after < 0 or after > record.last_seq:
@@ -446,20 +453,31 @@ class RunManager:
             )
         if record.finished_at is not None and after == record.last_seq:
             return None
-        return self._follow(record, after)
+        return self._follow(record, after, snapshot)
 
-    async def _follow(self, record: RunRecord, after: int) -> AsyncIterator[AnyEvent]:
+    async def _follow(self, record: RunRecord, after: int, snapshot: bool) -> AsyncIterator[AnyEvent]:
         await self.backend.attach(record.id)
         reader = Reader(record.id, asyncio.current_task())
         self._readers.add(reader)
-        reader.waiting = True
+        retries = _SNAPSHOT_RETRIES
         try:
-            async for event in self.backend.read(record.id, after):
-                reader.waiting = False
-                yield event
-                if reader.stopping:
-                    return
+            while True:
+                events = self._snapshot_then_tail(record.id) if snapshot else self.backend.read(record.id, after)
                 reader.waiting = True
+                try:
+                    async for event in events:
+                        reader.waiting = False
+                        yield event
+                        after = event.seq
+                        if reader.stopping:
+                            return
+                        reader.waiting = True
+                    return
+                except base.CursorError as exc:  # older than the kept events: the state instead of them
+                    if not retries:
+                        raise
+                    retries, snapshot = retries - 1, True
+                    log.info("reader of run %s gets a snapshot: %s", record.id, exc)
         except (base.CursorError, base.RunExpiredError) as exc:
             log.info("reader of run %s stopped: %s", record.id, exc)
         except asyncio.CancelledError:
@@ -469,6 +487,26 @@ class RunManager:
             self._readers.discard(reader)
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
             self._spawn(self._release(record))
+
+    async def _snapshot_then_tail(self, run_id: str) -> AsyncIterator[AnyEvent]:
+        """A ``run.snapshot`` through the last event logged now (never a terminal one), then the rest."""
+        start = await self.backend.snapshot(run_id)
+        upto = (await self.backend.get_run(run_id)).last_seq
+        fold, sent = SnapshotFold(start), start.seq >= upto
+        if sent:
+            yield start
+        async for event in self.backend.read(run_id, start.seq):
+            if not sent:
+                if event.seq <= upto and not is_terminal(event):
+                    fold.add(event)
+                    if event.seq < upto:
+                        continue
+                    sent = True
+                    yield fold.event(run_id, event.seq)
+                    continue
+                sent = True
+                yield fold.event(run_id, event.seq - 1)
+            yield event
 
     async def _release(self, record: RunRecord) -> None:
         try:

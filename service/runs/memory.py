@@ -1,7 +1,8 @@
 """The embedded run backend: everything in this process's memory.
 
-Bounded three ways: events kept per run (oldest dropped past the cap; a
-cursor before the first kept event is refused), finished runs kept
+Bounded three ways: events kept per run (oldest dropped past the cap, and
+folded into the run's base snapshot; a cursor before the first kept event is
+refused), finished runs kept
 (``retention_s`` after their end, and at most ``max_finished_runs``), and
 tombstones of expired runs (so they answer 410, not 404).
 """
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from service.events import AnyEvent, RunCancelled, RunCompleted, RunFailed, is_terminal
+from service.events import AnyEvent, RunCancelled, RunCompleted, RunFailed, RunSnapshot, is_terminal
 from service.runs.base import (
     CancelCallback,
     ChatBusyError,
@@ -28,19 +29,21 @@ from service.runs.base import (
     RunStatus,
     TooManyRunsError,
 )
+from service.runs.snapshot import SnapshotFold
 
 _TOMBSTONES = 100_000
 _USAGE_KEPT = 100_000
 
 
 class _Run:
-    __slots__ = ("events", "first_seq", "idempotency_key", "loop", "readers", "record", "waiters")
+    __slots__ = ("base", "events", "first_seq", "idempotency_key", "loop", "readers", "record", "waiters")
 
     def __init__(self, record: RunRecord, idempotency_key: str | None) -> None:
         self.loop = asyncio.get_running_loop()  # kept: each get_running_loop() is a getpid() system call
         self.record = record
         self.events: list[AnyEvent] = []
         self.first_seq = 1  # seq of events[0]
+        self.base: SnapshotFold | None = None  # the events before first_seq, folded
         self.readers = 0
         self.idempotency_key = idempotency_key
         # One future per waiting reader: a reader cancelled while waiting cancels only its own
@@ -150,6 +153,9 @@ class MemoryRunBackend(RunBackend):
         run.events.append(event)
         if len(run.events) > self._max_events:
             drop = len(run.events) - self._max_events
+            run.base = run.base or SnapshotFold()
+            for dropped in run.events[:drop]:
+                run.base.add(dropped)
             del run.events[:drop]
             run.first_seq += drop
         if is_terminal(event):
@@ -199,6 +205,12 @@ class MemoryRunBackend(RunBackend):
                 return
             else:
                 await run.next_change()
+
+    async def snapshot(self, run_id: str) -> RunSnapshot:  # noqa: D102
+        run = self._get(run_id)
+        if run.base is None:
+            return RunSnapshot(run_id=run_id)
+        return run.base.event(run_id, run.first_seq - 1)
 
     async def request_cancel(self, run_id: str, reason: str) -> None:  # noqa: D102
         run = self._get(run_id)

@@ -8,6 +8,8 @@ Key layout (``P`` is the configured prefix)::
                                   holds the run's subject, so only its owner learns the run existed
     P:run:{id}:readers    string  attached readers, across instances
     P:run:{id}:cancel     string  the last cancel reason (read by the owner's heartbeat)
+    P:run:{id}:snapshot   string  the run's ``run.snapshot`` every max_events_per_run / 2 events, written
+                                  by its owner (TTL retention + 1 day, renewed on each write)
     P:chat:{chat_id}:active string the chat's active run id
     P:idem:{key}          string  run id created for an idempotency key
     P:subject:{s}:running set     ids of the subject's runs, for its limit of running runs (pruned on create)
@@ -69,7 +71,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
-from service.events import AnyEvent, ErrorInfo, RunFailed, decode_event, encode_json, is_terminal
+from service.events import AnyEvent, ErrorInfo, RunFailed, RunSnapshot, decode_event, encode_json, is_terminal
 from service.runs.base import (
     CancelCallback,
     ChatBusyError,
@@ -81,6 +83,7 @@ from service.runs.base import (
     TooManyRunsError,
 )
 from service.runs.memory import terminal_message_id, terminal_status
+from service.runs.snapshot import SnapshotFold
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -192,6 +195,9 @@ class _Keys:
     def readers(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:readers"
 
+    def snapshot(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:snapshot"
+
     def cancel(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:cancel"
 
@@ -291,6 +297,10 @@ class RedisRunBackend(RunBackend):
         self._attach_script = self._redis.register_script(_ATTACH_LUA)
         self._detach_script = self._redis.register_script(_DETACH_LUA)
         self._seqs: dict[str, int] = {}  # run id -> last seq this instance wrote (runs it owns)
+        self._folds: dict[str, SnapshotFold] = {}  # run id -> its events folded (runs it owns, from seq 1)
+        # With MAXLEN ~ the log keeps at least max_events entries, so a snapshot this often is always
+        # at or after the seq before the first kept entry.
+        self._snapshot_every = max(1, max_events_per_run // 2)
         self._cancel_seen: set[str] = set()
         self._on_cancel: CancelCallback | None = None
         self._pubsub: PubSub | None = None
@@ -412,6 +422,7 @@ class RedisRunBackend(RunBackend):
             stamped = msgspec.structs.replace(event, seq=last + 1)
             if await self._write(run_id, stamped):
                 self._remember(run_id, stamped)
+                await self._keep_snapshot(run_id, stamped)
                 return stamped
             record = await self.get_run(run_id)  # someone else took the seq: who?
             if record.status != "running":
@@ -429,9 +440,32 @@ class RedisRunBackend(RunBackend):
     def _lost(self, run_id: str, event: AnyEvent) -> AnyEvent:
         """The run has already finished (owner_lost, or a late append): drop the event, stop the run here."""
         log.warning("run %s has already finished; dropping %s", run_id, type(event).__name__)
+        self._folds.pop(run_id, None)
         if self._seqs.pop(run_id, None) is not None and self._on_cancel is not None:
             self._on_cancel(run_id, "owner_lost")
         return event
+
+    async def _keep_snapshot(self, run_id: str, event: AnyEvent) -> None:
+        """Fold an appended event; every ``_snapshot_every`` events store the snapshot (decision 47)."""
+        fold = self._folds.get(run_id)
+        if is_terminal(event) or (fold is None and event.seq != 1):  # ended, or not followed from seq 1
+            self._folds.pop(run_id, None)
+            return
+        if fold is None:
+            fold = self._folds[run_id] = SnapshotFold()
+        fold.add(event)
+        if event.seq % self._snapshot_every == 0:
+            snapshot = encode_json(fold.event(run_id, event.seq))
+            await self._redis.set(self._keys.snapshot(run_id), snapshot, px=_ms(self._retention_s + _TOMBSTONE_EXTRA_S))
+
+    @_bounded
+    async def snapshot(self, run_id: str) -> RunSnapshot:  # noqa: D102
+        raw = await self._redis.get(self._keys.snapshot(run_id))
+        if raw is None:
+            await self.get_run(run_id)  # raises for unknown and expired runs
+            return RunSnapshot(run_id=run_id)
+        snapshot = decode_event(raw)
+        return snapshot if isinstance(snapshot, RunSnapshot) else RunSnapshot(run_id=run_id)
 
     async def _write(self, run_id: str, event: AnyEvent) -> bool:
         """Add ``event`` at its seq; False when that seq is already taken."""
