@@ -30,6 +30,7 @@ from service.api.auth import AUTH_MIDDLEWARE, EXCLUDE_FROM_AUTH, SECURITY_SCHEME
 from service.api.chats import ChatController
 from service.api.deps import DEPENDENCIES
 from service.api.drain import DrainMiddleware, drain_on_exit_signal
+from service.api.error_map import EXCEPTION_HANDLERS
 from service.api.health import HealthController
 from service.api.hosts import HostMiddleware, allowed_hosts, require_json_body
 from service.api.models import CatalogController
@@ -38,7 +39,6 @@ from service.api.ws import chat_socket, create_ws_token
 from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
-from service.errors import EXCEPTION_HANDLERS
 from service.logs import add_secrets, install_redaction
 from service.metrics import SKIP_HTTP_METRICS
 from service.openapi import OpenAPIJsonPlugin

@@ -11,26 +11,25 @@
     ├── NotFoundError (404 not_found)
     ├── ChatBusyError (409 chat_busy)
     ├── RunExpiredError (410 run_expired)
-    ├── LimitExceededError (422 history_too_long | too_many_parts)
+    ├── LimitExceededError (422 limit_exceeded)
+    │   └── IdempotencyKeyReusedError (422 idempotency_key_reused)
     ├── TooManyRequestsError (429 too_many_runs | budget_exhausted; ``Retry-After``)
-    └── UnavailableError (503 store_unavailable | mcp_unavailable | runs_unavailable | shutting_down)
+    └── UnavailableError (503 store_unavailable | mcp_unavailable | shutting_down)
+        └── RunsUnavailableError (503 runs_unavailable)
 
-Litestar's own validation errors become 400 ``invalid_request`` naming the
-field; other ``HTTPException``s keep their status; anything else is logged
-and answered 500 ``internal`` without its text.
+Only the classes live here (no web framework: ``runs/`` and ``engine/`` raise them too). The one
+table that maps these and the other modules' errors to HTTP responses and WebSocket ``error``
+frames is :mod:`service.api.error_map`: Litestar's own validation errors become 400
+``invalid_request`` naming the field, other ``HTTPException``s keep their status, and anything else
+is logged and answered 500 ``internal`` without its text.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import msgspec
-from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
-
-log = logging.getLogger("service")
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -121,6 +120,12 @@ class LimitExceededError(ServiceError):
     status = 422
 
 
+class IdempotencyKeyReusedError(LimitExceededError):
+    """An ``Idempotency-Key`` already used for a run with a different request; ``detail.run_id`` names that run."""
+
+    code = "idempotency_key_reused"
+
+
 class TooManyRequestsError(ServiceError):
     """The caller is over one of its limits; ``retry_after`` (seconds) becomes ``Retry-After``."""
 
@@ -139,68 +144,7 @@ class UnavailableError(ServiceError):
     status = 503
 
 
-def error_response(status: int, code: str, message: str, detail: Mapping[str, Any] | None = None) -> Response[Any]:
-    """Render the one error shape."""
-    body = ErrorEnvelope(ErrorBody(code=code, message=message, detail=dict(detail or {})))
-    return Response(body, status_code=status, media_type="application/json")
+class RunsUnavailableError(UnavailableError):
+    """The run backend (Redis) cannot be reached: runs can be neither started nor followed."""
 
-
-def render_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[Any]:
-    """Render a ``ServiceError``."""
-    response = error_response(exc.status, exc.code, exc.message, exc.detail)
-    if isinstance(exc, TooManyRequestsError):
-        response.headers["Retry-After"] = str(exc.retry_after)
-    elif isinstance(exc, UnauthorizedError):
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-def render_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-    """Render Litestar's request validation failure as 400, naming the field(s)."""
-    problems: list[dict[str, Any]] = []
-    if isinstance(exc.extra, list):
-        problems = [p for p in exc.extra if isinstance(p, dict)]  # type: ignore[misc]
-    fields = [str(p.get("key") or p.get("source") or "") for p in problems]
-    message = exc.detail
-    if problems:
-        message = "; ".join(f"{p.get('key') or 'body'}: {p.get('message')}" for p in problems)
-    detail: dict[str, Any] = {"field": fields[0] if fields else None, "errors": problems}
-    return error_response(400, "invalid_request", message, detail)
-
-
-_HTTP_CODES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-}
-
-
-def render_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    """Render any other Litestar HTTP error with its status."""
-    code = _HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "http_error")
-    response = error_response(exc.status_code, code, exc.detail)
-    if exc.headers:
-        response.headers.update(exc.headers)
-    if exc.status_code == 429 and "Retry-After" not in response.headers:  # Litestar's rate limit says RateLimit-Reset
-        response.headers["Retry-After"] = response.headers.get("RateLimit-Reset", "1")
-    return response
-
-
-def render_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """Last resort: log the failure, answer 500 without its text."""
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "an internal error occurred")
-
-
-EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
-    ServiceError: render_service_error,
-    ValidationException: render_validation_error,
-    HTTPException: render_http_error,
-    Exception: render_unexpected,
-}
+    code = "runs_unavailable"

@@ -72,6 +72,10 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 _VALIDATION_400 = "Invalid request: `error.detail.field` names the field"
 _INTERNAL_500 = "Internal error (`internal`); the cause is logged, never sent"
 _TOO_LARGE_413 = "The request body is larger than the limit (`payload_too_large`)"
+_NOT_JSON_415 = (
+    "The body is not labelled JSON (`unsupported_media_type`): send `Content-Type: application/json`; "
+    "the types an HTML form can send are never accepted"
+)
 
 
 # --------------------------------------------------------------------------- OpenAPI
@@ -103,8 +107,36 @@ def build_openapi(app: Litestar, *, oas_version: OasVersion = "3.1.0") -> JsonDi
                 cast(JsonDict, media).pop("examples", None)
             _document_event_stream(cast(JsonDict, response), schemas, oas_version)
     _add_links(doc)
+    require_seq(schemas)
     doc["openapi"] = oas_version
     return _checked_json(doc)
+
+
+def require_seq(schemas: JsonDict) -> None:
+    """Mark ``seq`` required on every event: the run log stamps it before any reader sees the event.
+
+    (msgspec gives it a default, ``0``, only because the engine yields events before they are stamped.)
+    """
+    for cls in _union_members(AnyEvent):
+        schema = cast(JsonDict | None, schemas.get(cls.__name__))
+        if schema is not None and "seq" in schema.get("properties", {}):
+            schema["required"] = sorted({*schema.get("required", []), "seq"})
+            cast(JsonDict, schema["properties"]["seq"]).pop("default", None)
+
+
+def asyncapi_discriminators(schema: object) -> None:
+    """AsyncAPI's schema object names its discriminator by property (a string), not OpenAPI's object."""
+    if isinstance(schema, list):
+        for item in cast(list[object], schema):
+            asyncapi_discriminators(item)
+    elif isinstance(schema, dict):
+        node = cast(JsonDict, schema)
+        discriminator = node.get("discriminator")
+        if isinstance(discriminator, dict):
+            node["discriminator"] = cast(JsonDict, discriminator)["propertyName"]
+        for key, value in node.items():
+            if key != "discriminator":
+                asyncapi_discriminators(value)
 
 
 def _strip_examples(schema: object) -> None:
@@ -184,6 +216,7 @@ def _document_errors(operation: JsonDict) -> None:
         responses.setdefault("400", _json_response(_VALIDATION_400))
     if operation.get("requestBody"):
         responses.setdefault("413", _json_response(_TOO_LARGE_413))
+        responses.setdefault("415", _json_response(_NOT_JSON_415))
     if operation.get("security"):
         responses.setdefault("401", _json_response(_UNAUTHORIZED_401))
         responses.setdefault("429", _json_response(_TOO_MANY_429))
@@ -311,6 +344,8 @@ def build_asyncapi() -> JsonDict:
         [ws.ClientFrame, ws.ServerFrame, AnyEvent], ref_template=COMPONENTS + "{name}"
     )
     union_schemas = dict(zip(("ClientFrame", "ServerFrame", "AnyEvent"), schemas_list, strict=True))
+    require_seq(components)
+    asyncapi_discriminators([components, union_schemas])
     messages: JsonDict = {}
     for cls in client + server:
         tag = cls.__struct_config__.tag
@@ -355,14 +390,18 @@ def build_asyncapi() -> JsonDict:
 _WS_DESCRIPTION = """One WebSocket, many runs (multiplexed by `run_id`), resumable after a reconnect.
 
 Client frames: `run.create`, `run.resume`, `run.cancel`, `ping`. Server frames: `run.accepted`,
-`run.resumed`, `pong`, `error`, and the run events (the same JSON as the SSE `data` lines of the HTTP
-API). A bad frame (invalid JSON, unknown `type`, missing field, too large) gets an `error` frame whose
-`ref` is its `client_ref` or `run_id` when known, and the socket stays open. Close codes: 1008 when a
-client sends frames faster than the rate limit or its `Origin` is not allowed, 1009 for a frame over
-the transport's maximum size (1 MiB), 1012 when the service shuts down: it keeps streaming through its
-grace period, refuses `run.create` with an `error` frame `shutting_down`, and closes the socket once every
-run it follows has sent its terminal event (a run still going at the end of the grace period is cancelled
-with reason `shutdown`); reconnect and resume. Runs continue when the socket drops; resume with
+`run.resumed`, `run.cancel_ack`, `pong`, `error`, and the run events (the same JSON as the SSE `data`
+lines of the HTTP API). A bad frame (invalid JSON, unknown `type`, missing field, over 256 KiB, nesting too deep) gets
+an `error` frame whose `ref` is its `client_ref` or `run_id` when known, and the socket stays open; so
+does any failure of the service while handling a frame (code `internal` when unexpected). A `run.cancel`
+is answered `run.cancel_ack` with the state the cancel leads to, whether or not the socket follows the
+run. A handshake whose `Origin` is not allowed is refused with HTTP 403 before any socket opens (with
+auth on, one without a valid token with 401). Close codes: 1008 when a client sends frames (or pings)
+faster than the rate limit allows, 1009 for a message over the service's maximum size (1 MiB), 1012 when
+the service shuts down: it keeps streaming through its grace period, refuses `run.create` with an
+`error` frame `shutting_down`, and closes the socket once every run it follows has sent its terminal
+event (a run still going at the end of the grace period is cancelled with reason `shutdown`); reconnect
+and resume, on another instance with Redis. Runs continue when the socket drops; resume with
 `run.resume`. Clients must ignore frame and event types they do not know."""
 
 

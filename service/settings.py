@@ -60,10 +60,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     ws_max_frame_bytes: int = 262_144
     """A WebSocket frame larger than this gets an ``error`` frame (the transport closes past 1 MiB)."""
-    ws_frames_per_s: float = 50.0
+    ws_frames_per_s: float = 500.0
     """Sustained client frames per second per socket."""
-    ws_frame_burst: int = 100
+    ws_frame_burst: int = 1000
     """Frames a socket may send at once before the rate applies; past it the socket closes with 1008."""
+    max_json_depth: int = 64
+    """Levels of nested arrays and objects in a JSON body or WebSocket frame; deeper ones are refused unread."""
     allowed_origins: tuple[str, ...] = ()
     """Origins allowed to open the WebSocket, besides the service's own."""
     allowed_hosts: tuple[str, ...] = ()
@@ -165,6 +167,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "ws_max_frame_bytes",
             "ws_frames_per_s",
             "ws_frame_burst",
+            "max_json_depth",
             "max_message_chars",
             "max_tool_rounds",
             "tool_timeout_s",
@@ -185,8 +188,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise SettingsError(f"invalid setting: SERVICE_{name.upper()} must be > 0")
         if not 1000 <= self.sse_retry_ms <= 60_000:
             raise SettingsError("invalid setting: SERVICE_SSE_RETRY_MS must be within 1000..60000")
-        if self.upstream_max_retries < 0 or self.demo_token_delay_ms < 0 or self.shutdown_grace_s < 0:
-            raise SettingsError("invalid setting: retries, delays and grace periods cannot be negative")
+        for name in ("upstream_max_retries", "demo_token_delay_ms", "shutdown_grace_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"invalid setting: SERVICE_{name.upper()} cannot be negative")
         if self.rate_limit_per_minute < 0 or self.token_budget < 0:
             raise SettingsError(
                 "invalid setting: SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot be negative"

@@ -1,10 +1,12 @@
-"""``/v1/chats``: conversations, their messages, and starting a run on one."""
+"""``/v1/chats``: conversations, their messages, and starting a run on one.
+
+Handlers let domain errors (an unknown model, a bad tool selection, the store down) propagate:
+:mod:`service.api.error_map` answers each of them.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Generator
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
@@ -19,7 +21,6 @@ from service.api.schemas import (
     ChatCreate,
     ChatList,
     ChatOut,
-    InvalidBodyError,
     RunCreate,
     RunOut,
     chat_out,
@@ -28,15 +29,15 @@ from service.api.schemas import (
     run_out,
 )
 from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
-from service.engine.providers import ProviderRegistry, UnknownModelError
-from service.engine.tools import ToolCatalog, ToolError
+from service.engine.providers import ProviderRegistry
+from service.engine.tools import ToolCatalog
 from service.errors import ErrorEnvelope
 from service.events import AnyEvent
 from service.ids import new_id
-from service.runs.manager import RunManager, tool_selection_error
+from service.runs.manager import RunManager
 from service.security import Principal
 from service.settings import Settings
-from service.store.base import Chat, ChatStore, StoreUnavailableError
+from service.store.base import Chat, ChatStore
 
 ERRORS = {
     400: ResponseSpec(ErrorEnvelope, description="Invalid request: `error.detail.field` names the field"),
@@ -64,16 +65,9 @@ class ChatController(Controller):
         principal: NamedDependency[Principal],
     ) -> ChatOut:
         """Create a chat. Its fields become the defaults of its runs. The caller owns it."""
-        try:
-            model, _, _ = providers.resolve(data.model)
-            response_format = response_format_dict(data.response_format, settings)
-            tool_catalog.check(data.tools, data.mcp_servers)
-        except UnknownModelError as exc:
-            raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc
-        except InvalidBodyError as exc:
-            raise errors.InvalidRequestError(str(exc), detail={"field": exc.field}) from exc
-        except ToolError as exc:
-            raise tool_selection_error(exc) from exc
+        model, _, _ = providers.resolve(data.model)
+        response_format = response_format_dict(data.response_format, settings)
+        tool_catalog.check(data.tools, data.mcp_servers)
         now = time.time()
         chat = Chat(
             id=new_id(),
@@ -86,8 +80,7 @@ class ChatController(Controller):
             created_at=now,
             updated_at=now,
         )
-        with _store_errors():
-            created = await store.create_chat(chat)
+        created = await store.create_chat(chat)
         runs.remember_chat(created)
         return chat_out(created)
 
@@ -100,11 +93,10 @@ class ChatController(Controller):
         cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
     ) -> ChatList:
         """List the caller's chats, newest first. Pass `next_cursor` back as `cursor` for the next page."""
-        with _store_errors():
-            try:
-                page = await store.list_chats(limit=limit, cursor=cursor, owner=principal.owner)
-            except ValueError as exc:
-                raise errors.InvalidCursorError("invalid cursor", detail={"field": "cursor"}) from exc
+        try:
+            page = await store.list_chats(limit=limit, cursor=cursor, owner=principal.owner)
+        except ValueError as exc:
+            raise errors.InvalidCursorError("invalid cursor", detail={"field": "cursor"}) from exc
         return ChatList(items=[chat_out(c) for c in page.items], next_cursor=page.next_cursor)
 
     @get("/{chat_id:str}", operation_id="GetChat", responses={404: ERRORS[404], 503: ERRORS[503]})
@@ -117,8 +109,7 @@ class ChatController(Controller):
     ) -> ChatOut:
         """A chat with all its messages, oldest first (interrupted answers carry `status`)."""
         chat = await runs.chat(chat_id, principal.owner)
-        with _store_errors():
-            return chat_out(chat, await store.list_messages(chat_id))
+        return chat_out(chat, await store.list_messages(chat_id))
 
     @delete(
         "/{chat_id:str}",
@@ -137,9 +128,8 @@ class ChatController(Controller):
         if active is not None:
             raise errors.ChatBusyError("the chat has an active run", detail={"active_run_id": active.id})
         runs.forget_chat(chat_id)
-        with _store_errors():
-            if not await store.delete_chat(chat_id):
-                raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
+        if not await store.delete_chat(chat_id):
+            raise errors.NotFoundError(f"no chat {chat_id!r}", detail={"chat_id": chat_id})
 
     @post(
         "/{chat_id:str}/runs",
@@ -179,10 +169,7 @@ class ChatController(Controller):
         with the run; follow it at `events_url`. A retried POST with the same `Idempotency-Key` returns
         the same run. A chat has at most one active run: a second one gets `409 chat_busy`.
         """
-        try:
-            options = run_options(data, settings)
-        except InvalidBodyError as exc:
-            raise errors.InvalidRequestError(str(exc), detail={"field": exc.field}) from exc
+        options = run_options(data, settings)
         record, _ = await runs.start_run(chat_id, options, idempotency_key, owner=principal.owner)
         if "text/event-stream" in request.headers.get("accept", ""):
             events = await runs.open_events(record.id, 0, principal.owner)
@@ -201,12 +188,3 @@ class ChatController(Controller):
         """The chat's running run, or `null` when none is running."""
         record = await runs.active_run(chat_id, principal.owner)
         return None if record is None else run_out(record)
-
-
-@contextlib.contextmanager
-def _store_errors() -> Generator[None]:
-    """Turn a store outage into 503 ``store_unavailable``."""
-    try:
-        yield
-    except StoreUnavailableError as exc:
-        raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc

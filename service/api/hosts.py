@@ -11,7 +11,9 @@ preflight. So:
   service's error shape;
 - :func:`require_json_body` answers 415 ``unsupported_media_type`` to any request to a handler that
   takes a JSON body unless its ``Content-Type`` is ``application/json`` (or ``application/*+json``):
-  the types a form can send are never accepted.
+  the types a form can send are never accepted; a JSON body that nests deeper than
+  ``SERVICE_MAX_JSON_DEPTH`` levels is refused with 400 before it is decoded
+  (:mod:`service.api.nesting`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service import errors
 from service.api.auth import refuse_handshake
+from service.api.nesting import nests_deeper
 from service.errors import ErrorBody, ErrorEnvelope
 from service.settings import Settings, is_loopback
 
@@ -78,14 +81,23 @@ def _host_of(scope: Scope) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def require_json_body(request: Request[Any, Any, Any]) -> None:
-    """``before_request``: 415 for a handler that takes a JSON body, unless the body says it is JSON."""
+async def require_json_body(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` of handlers that take a JSON body: 415 unless it says it is JSON, 400 if it nests too deep.
+
+    The depth is measured before the handler's decode, which recurses once per level.
+    """
     if "data" not in request.route_handler.parsed_fn_signature.parameters:
         return
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
-        return
-    raise HTTPException(
-        status_code=415,
-        detail=f"the body must be JSON (Content-Type: application/json), not {media_type or 'unlabelled'}",
-    )
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise HTTPException(
+            status_code=415,
+            detail=f"the body must be JSON (Content-Type: application/json), not {media_type or 'unlabelled'}",
+        )
+    limit = cast("Settings", request.app.state.settings).max_json_depth
+    if nests_deeper(await request.body(), limit):  # the body is kept: the handler's decode reads it again
+        raise errors.InvalidRequestError(
+            f"the body nests arrays and objects deeper than {limit} levels", detail={"field": None, "max_depth": limit}
+        )

@@ -2,12 +2,15 @@
 
 Client frames (JSON text): ``run.create``, ``run.resume``, ``run.cancel``, ``ping``.
 Server frames: the run events (the same JSON as SSE ``data``), ``run.accepted``,
-``run.resumed``, ``pong`` and ``error``. A bad frame gets an ``error`` frame and
-the socket stays open. Closing codes: 1008 when a client sends frames faster
-than the rate limit allows (or a disallowed ``Origin``), 1009 (by the server)
-for a frame over the transport's maximum size, 1012 when the service shuts down
-(once every run the socket follows has sent its terminal event; reconnect and
-resume, on another instance with Redis).
+``run.resumed``, ``run.cancel_ack``, ``pong`` and ``error``. A bad frame gets an
+``error`` frame and the socket stays open; so does any failure of a handler
+(:mod:`service.api.error_map`: the unexpected ones are logged and answered
+``internal``). Closing codes: 1008 when a client sends frames faster than the rate
+limit allows (or pings faster than the protocol's ping budget), 1009 for a
+message over 1 MiB, 1012 when the service shuts down (once every run the socket
+follows has sent its terminal event; reconnect and resume, on another instance
+with Redis). A disallowed ``Origin`` never opens a socket: the handshake is
+answered 403.
 
 Each followed run has a task of its own that reads the run's log and sends;
 a dropped socket cancels those tasks (the runs go on, unless created with
@@ -18,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, assert_never
 from urllib.parse import urlsplit
 
@@ -30,9 +34,11 @@ from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 
-from service import errors, metrics
+from service import metrics
 from service.api.auth import BEARER, STREAM_TOKEN_OPT
-from service.api.schemas import InvalidBodyError, RunCreate, run_options
+from service.api.error_map import ErrorFrame, error_frame, field_of
+from service.api.nesting import nests_deeper
+from service.api.schemas import RunCreate, run_options
 from service.api.ws_protocol import MAX_MESSAGE_BYTES
 from service.events import AnyEvent, ws_frame
 from service.metrics import SKIP_HTTP_METRICS
@@ -94,23 +100,26 @@ class RunResumed(msgspec.Struct, frozen=True, tag_field="type", tag="run.resumed
     status: str
 
 
+class RunCancelAck(msgspec.Struct, frozen=True, tag_field="type", tag="run.cancel_ack"):
+    """A ``run.cancel`` was carried out, also sent to a socket that does not follow the run.
+
+    ``status`` is the state the run ended in: ``cancelled``, or the state it had already finished in.
+    """
+
+    run_id: str
+    status: str
+    last_seq: int
+
+
 class Pong(msgspec.Struct, frozen=True, tag_field="type", tag="pong"):
     """The answer to ``ping``."""
 
     nonce: str | int | None = None
 
 
-class ErrorFrame(msgspec.Struct, frozen=True, tag_field="type", tag="error"):
-    """A frame could not be acted on; ``ref`` is its ``client_ref`` or ``run_id`` when known."""
+ServerFrame = RunAccepted | RunResumed | RunCancelAck | Pong | ErrorFrame
 
-    code: str
-    message: str
-    ref: str | None = None
-    detail: dict[str, Any] = msgspec.field(default_factory=dict[str, Any])
-
-
-ServerFrame = RunAccepted | RunResumed | Pong | ErrorFrame
-
+log = logging.getLogger("service.ws")
 _decoder = msgspec.json.Decoder(ClientFrame)
 RATE_LIMIT_CLOSE = 1008
 MESSAGE_TOO_BIG_CLOSE = 1009
@@ -119,7 +128,10 @@ SHUTDOWN_CLOSE = 1012
 
 
 def origin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Refuse cross-site WebSocket handshakes: the Origin must be the service's own (scheme too) or allow-listed."""
+    """Refuse cross-site WebSocket handshakes: the Origin must be the service's own (scheme too) or allow-listed.
+
+    A refused handshake is never upgraded: the client gets HTTP 403 (no socket, so no close code).
+    """
     origin = connection.headers.get("origin")
     if origin is None:
         return  # not a browser
@@ -213,22 +225,22 @@ class _Session:
         return self.tokens >= 0
 
     async def _handle(self, text: str | None) -> None:
-        frame = parse_frame(text, self.settings.ws_max_frame_bytes)
+        frame = parse_frame(text, self.settings.ws_max_frame_bytes, self.settings.max_json_depth)
         match frame:
             case ErrorFrame():
                 await self.send(frame)
             case CreateFrame():
-                self._spawn(self._create(frame))
+                self._spawn(self._answering(self._create(frame), frame.client_ref, "run.create"))
             case ResumeFrame():
-                self._spawn(self._resume(frame))
+                self._spawn(self._answering(self._resume(frame), frame.run_id, "run.resume"))
             case CancelFrame():
-                self._spawn(self._cancel(frame))
+                self._spawn(self._answering(self._cancel(frame), frame.run_id, "run.cancel"))
             case PingFrame():
                 await self.send(Pong(frame.nonce))
             case _:
                 assert_never(frame)
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -237,44 +249,45 @@ class _Session:
         self.tasks.discard(task)
         self._close_if_drained()
 
-    async def _create(self, frame: CreateFrame) -> None:
-        ref = frame.client_ref
+    async def _answering(self, work: Coroutine[Any, Any, None], ref: str | None, kind: str) -> None:
+        """Run a frame's handler; any failure is answered with an ``error`` frame (the unexpected also logged)."""
         try:
-            options = run_options(frame, self.settings)
-            record, created = await self.runs.start_run(frame.chat_id, options, frame.idempotency_key, owner=self.owner)
-            events = await self.runs.open_events(record.id, 0, self.owner)
-        except InvalidBodyError as exc:
-            await self.send(ErrorFrame("invalid_request", str(exc), ref=ref, detail={"field": exc.field}))
-            return
-        except errors.ServiceError as exc:
-            await self.send(ErrorFrame(exc.code, exc.message, ref=ref, detail=exc.detail))
-            return
-        await self.send(RunAccepted(ref, record.id, created))
+            await work
+        except WebSocketDisconnect:
+            return  # the socket is gone: nobody to answer
+        except Exception as exc:
+            await self._send_error(error_frame(exc, ref=ref, where=f"websocket {kind}"))
+
+    async def _send_error(self, frame: ErrorFrame) -> None:
+        try:
+            await self.send(frame)
+        except Exception as exc:  # the socket closed meanwhile: what it would have said is in the log
+            log.info("websocket: could not send an error frame (%s): %r", frame.code, exc)
+
+    async def _create(self, frame: CreateFrame) -> None:
+        options = run_options(frame, self.settings)
+        record, created = await self.runs.start_run(frame.chat_id, options, frame.idempotency_key, owner=self.owner)
+        events = await self.runs.open_events(record.id, 0, self.owner)
+        await self.send(RunAccepted(frame.client_ref, record.id, created))
         if events is not None:
             self._follow(record.id, events)
 
     async def _resume(self, frame: ResumeFrame) -> None:
-        try:
-            record = await self.runs.get_run(frame.run_id, self.owner)
-            events = await self.runs.open_events(frame.run_id, frame.after, self.owner, snapshot=frame.snapshot)
-        except errors.ServiceError as exc:
-            await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
-            return
+        record = await self.runs.get_run(frame.run_id, self.owner)
+        events = await self.runs.open_events(frame.run_id, frame.after, self.owner, snapshot=frame.snapshot)
         await self.send(RunResumed(frame.run_id, frame.after, record.last_seq, record.status))
         if events is not None:
             self._follow(frame.run_id, events)
 
     async def _cancel(self, frame: CancelFrame) -> None:
-        try:
-            await self.runs.cancel(frame.run_id, self.owner)
-        except errors.ServiceError as exc:
-            await self.send(ErrorFrame(exc.code, exc.message, ref=frame.run_id, detail=exc.detail))
+        record = await self.runs.cancel(frame.run_id, self.owner)
+        await self.send(RunCancelAck(record.id, record.status, record.last_seq))
 
     def _follow(self, run_id: str, events: AsyncIterator[AnyEvent]) -> None:
         previous = self.followers.pop(run_id, None)
         if previous is not None:
             previous.cancel()
-        task = asyncio.create_task(self._pump(events))
+        task = asyncio.create_task(self._answering(self._pump(events), run_id, "events"))
         self.followers[run_id] = task
         task.add_done_callback(lambda t: self._follower_done(run_id, t))
 
@@ -284,21 +297,28 @@ class _Session:
         self._close_if_drained()
 
     async def _pump(self, events: AsyncIterator[AnyEvent]) -> None:
-        with contextlib.suppress(WebSocketDisconnect):
-            async for event in events:
-                await self.send(event)
+        async for event in events:
+            await self.send(event)
 
 
-def parse_frame(text: str | None, max_bytes: int) -> ClientFrame | ErrorFrame:
-    """Decode one client frame, or say what is wrong with it (``text`` is None for a binary frame)."""
+def parse_frame(text: str | None, max_bytes: int, max_depth: int = 64) -> ClientFrame | ErrorFrame:
+    """Decode one client frame, or say what is wrong with it (``text`` is None for a binary frame).
+
+    A frame nesting deeper than ``max_depth`` is refused before it is decoded (decoding recurses per level).
+    ``detail.field`` names the field a validation error is about.
+    """
     if text is None:
         return ErrorFrame("invalid_frame", "binary frames are not supported; send JSON text")
     if len(text) > max_bytes or (4 * len(text) > max_bytes and len(text.encode()) > max_bytes):
         return ErrorFrame("frame_too_large", f"frame is larger than {max_bytes} bytes")
+    if nests_deeper(text, max_depth):
+        message = f"frame nests arrays and objects deeper than {max_depth} levels"
+        return ErrorFrame("invalid_frame", message, detail={"field": None, "max_depth": max_depth})
     try:
         return _decoder.decode(text)
     except msgspec.DecodeError as exc:
-        return ErrorFrame("invalid_frame", str(exc), ref=_guess_ref(text))
+        message = str(exc)
+        return ErrorFrame("invalid_frame", message, ref=_guess_ref(text), detail={"field": field_of(message)})
 
 
 def _guess_ref(text: str) -> str | None:

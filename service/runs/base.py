@@ -69,6 +69,14 @@ class ChatBusyError(Exception):
         self.active_run_id = active_run_id
 
 
+class IdempotencyKeyReusedError(Exception):
+    """The idempotency key already started a run for a different request."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 class TooManyRunsError(Exception):
     """The run's subject already has its maximum of running runs."""
 
@@ -96,13 +104,14 @@ class RunBackend(ABC):
 
     @abstractmethod
     async def create_run(
-        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
+        self, record: RunRecord, *, idempotency_key: str | None = None, request_hash: str = "", max_active: int = 0
     ) -> tuple[RunRecord, bool]:
         """Register a run and claim its chat, atomically.
 
         Returns ``(record, True)`` for a new run. When ``idempotency_key`` was
-        already used, returns ``(that run's record, False)`` and creates
-        nothing. Raises ``ChatBusyError`` when the chat has an active run, and
+        already used with the same ``request_hash`` (a digest of what was asked),
+        returns ``(that run's record, False)`` and creates nothing; with another
+        hash raises ``IdempotencyKeyReusedError``. Raises ``ChatBusyError`` when the chat has an active run, and
         ``TooManyRunsError`` when ``max_active`` > 0 and the record's subject
         already has that many running runs.
         """

@@ -25,26 +25,29 @@ sessions); the runs of this instance may finish within the grace period, the res
 are cancelled with reason ``shutdown``, so every reader gets a terminal event and
 its stream ends by itself. Readers of runs that go on elsewhere (another instance
 owns them) are then stopped, ending their streams cleanly, and resume elsewhere.
+
+Errors of the modules below (an unknown model, a tool selection, the store down) propagate as
+they are: :mod:`service.api.error_map` is the one place that turns them into API errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
 from service import errors, metrics
 from service.engine.engine import ChatEngine, RunRequest, ToolRunner
-from service.engine.providers import DEMO_MODEL, UnknownModelError
-from service.engine.tools import McpUnavailableError, ServerNotAllowedError, ToolError
+from service.engine.providers import DEMO_MODEL
 from service.events import AnyEvent, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
 from service.ids import new_id
 from service.runs import base
@@ -59,16 +62,10 @@ log = logging.getLogger("service.runs")
 
 _SNAPSHOT_RETRIES = 3
 """How often one reader falls back to a snapshot (its cursor older than the kept events) before it stops."""
+CANCEL_WAIT_S = 10.0
+"""How long a cancel waits for the run to end before it answers with the run as it is."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
-
-
-def tool_selection_error(exc: ToolError) -> errors.ServiceError:
-    """The API error for a tool selection that cannot be served (503 when an MCP server is down)."""
-    if isinstance(exc, McpUnavailableError):
-        return errors.UnavailableError(exc.message, code=exc.code)
-    field = "mcp_servers" if isinstance(exc, ServerNotAllowedError) else "tools"
-    return errors.ToolSelectionError(exc.message, code=exc.code, detail={"field": field})
 
 
 class ToolSource(Protocol):
@@ -100,6 +97,11 @@ class RunLimits:
     budget_window_s: float = 3600.0
     max_history_chars: int = 1_000_000
     """The newest turns of a chat that fit are sent to the model; older ones are left out."""
+
+
+def request_hash(options: RunOptions) -> str:
+    """A digest of what a run was asked (message and options, keys sorted): an idempotent retry must match it."""
+    return hashlib.sha256(msgspec.json.encode(options, order="sorted")).hexdigest()
 
 
 def _not_found(kind: str, ident: str) -> errors.NotFoundError:
@@ -202,11 +204,7 @@ class RunManager:
         if chat.owner != owner:
             raise _not_found("chat", chat_id)
         self.remember_chat(chat)
-        model = options.model or chat.model
-        try:
-            model, _, _ = self.engine.providers.resolve(model)
-        except UnknownModelError as exc:
-            raise errors.UnknownModelError(str(exc), detail={"field": "model"}) from exc
+        model, _, _ = self.engine.providers.resolve(options.model or chat.model)
         toolbox = await self._toolbox(chat, options)
         record = RunRecord(
             id=new_id(),
@@ -221,7 +219,14 @@ class RunManager:
             await self._check_budget(owner)
         limit = self.limits.max_active_runs if owner is not None else 0
         try:
-            record, created = await self.backend.create_run(record, idempotency_key=key, max_active=limit)
+            record, created = await self.backend.create_run(
+                record, idempotency_key=key, request_hash=request_hash(options) if key else "", max_active=limit
+            )
+        except base.IdempotencyKeyReusedError as exc:
+            raise errors.IdempotencyKeyReusedError(
+                "this Idempotency-Key was already used for a different request; use a new key for a new request",
+                detail={"field": "Idempotency-Key", "run_id": exc.run_id},
+            ) from exc
         except base.ChatBusyError as exc:
             raise errors.ChatBusyError(
                 "the chat already has an active run", detail={"active_run_id": exc.active_run_id}
@@ -247,10 +252,10 @@ class RunManager:
             )
             stored = await self.store.append_and_list(chat.id, [user])
             history = openai_history(chat.system, recent(stored, self.limits.max_history_chars))
-        except StoreUnavailableError as exc:
+        except StoreUnavailableError:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
             await self.backend.append(record.id, failed)
-            raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
+            raise
         except LookupError as exc:  # the chat was deleted since it was read (here or on another instance)
             self.forget_chat(chat.id)
             failed = RunFailed(run_id=record.id, error=ErrorInfo("not_found", "the chat was deleted"))
@@ -300,10 +305,7 @@ class RunManager:
         return await self._chat(chat_id, owner)
 
     async def _chat(self, chat_id: str, owner: str | None) -> Chat:
-        try:
-            chat = await self.store.get_chat(chat_id)
-        except StoreUnavailableError as exc:
-            raise errors.UnavailableError("the chat store is unavailable", code="store_unavailable") from exc
+        chat = await self.store.get_chat(chat_id)
         if chat is None or chat.owner != owner:
             raise _not_found("chat", chat_id)
         return chat
@@ -315,10 +317,7 @@ class RunManager:
         if tools is None and (options.model or chat.model) != DEMO_MODEL:
             tools = []  # the local tools are the demo's: a real model gets only the tools it is given
         servers = options.mcp_servers if options.mcp_servers is not None else chat.mcp_servers
-        try:
-            return await self.tools.toolbox(tools, servers)
-        except ToolError as exc:
-            raise tool_selection_error(exc) from exc
+        return await self.tools.toolbox(tools, servers)
 
     async def _drive(self, request: RunRequest, transcript: Transcript) -> None:
         run_id = request.run_id
@@ -430,11 +429,30 @@ class RunManager:
         return None
 
     async def cancel(self, run_id: str, owner: str | None, reason: str = "cancelled by the client") -> RunRecord:
-        """Ask the run's owner to stop it (idempotent: a finished run is returned as it is)."""
+        """Stop the run and return the record it ends with (idempotent: a finished run is returned as it is).
+
+        The answer is the state the cancel leads to: ``cancelled`` once the owner (on whichever instance) has
+        stopped the run and stored its partial answer, or the state a run that finished first ended in. It is
+        the run's log that tells: the terminal event is awaited there, for at most ``CANCEL_WAIT_S``.
+        """
         record = await self.get_run(run_id, owner)
-        if record.finished_at is None:
-            await self.backend.request_cancel(run_id, reason)
-        return record
+        if record.finished_at is not None:
+            return record
+        await self.backend.request_cancel(run_id, reason)
+        with contextlib.suppress(TimeoutError, base.CursorError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await self._terminal(record)
+        return await self.get_run(run_id, owner)
+
+    async def _terminal(self, record: RunRecord) -> None:
+        """Return once the run's terminal event is in its log."""
+        events = self.backend.read(record.id, record.last_seq)
+        try:
+            async for event in events:
+                if is_terminal(event):
+                    return
+        finally:
+            await cast("AsyncGenerator[AnyEvent]", events).aclose()
 
     async def open_events(
         self, run_id: str, after: int, owner: str | None, *, snapshot: bool = False

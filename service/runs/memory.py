@@ -22,6 +22,7 @@ from service.runs.base import (
     CancelCallback,
     ChatBusyError,
     CursorError,
+    IdempotencyKeyReusedError,
     RunBackend,
     RunExpiredError,
     RunNotFoundError,
@@ -99,7 +100,7 @@ class MemoryRunBackend(RunBackend):
         self._active: dict[str, str] = {}  # chat id -> run id
         self._running: dict[str, set[str]] = {}  # subject -> ids of its running runs
         self._usage: dict[tuple[str, int], int] = {}  # (subject, window number) -> tokens
-        self._idempotency: dict[str, str] = {}  # key -> run id
+        self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (run id, request hash)
         self._on_cancel: CancelCallback | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -116,10 +117,13 @@ class MemoryRunBackend(RunBackend):
         return True
 
     async def create_run(  # noqa: D102
-        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
+        self, record: RunRecord, *, idempotency_key: str | None = None, request_hash: str = "", max_active: int = 0
     ) -> tuple[RunRecord, bool]:
         if idempotency_key is not None and (existing := self._idempotency.get(idempotency_key)):
-            return await self.get_run(existing), False
+            run_id, first_hash = existing
+            if first_hash != request_hash:
+                raise IdempotencyKeyReusedError(run_id)
+            return await self.get_run(run_id), False
         if active := self._active.get(record.chat_id):
             raise ChatBusyError(active)
         if record.subject is not None:
@@ -131,7 +135,7 @@ class MemoryRunBackend(RunBackend):
         self._runs[record.id] = _Run(record, idempotency_key)
         self._active[record.chat_id] = record.id
         if idempotency_key is not None:
-            self._idempotency[idempotency_key] = record.id
+            self._idempotency[idempotency_key] = (record.id, request_hash)
         return record, True
 
     async def get_run(self, run_id: str) -> RunRecord:  # noqa: D102

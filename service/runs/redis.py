@@ -2,7 +2,8 @@
 
 Key layout (``P`` is the configured prefix)::
 
-    P:run:{id}            hash    the RunRecord fields (+ ``idempotency_key``: the idem key's name)
+    P:run:{id}            hash    the RunRecord fields (+ ``idempotency_key``: the idem key's name, and
+                                  ``request_hash``: the digest of the request that key started)
     P:run:{id}:log        stream  one entry per event: id ``{seq}-0``, field ``e`` = event JSON
     P:run:{id}:expired    string  tombstone, written at the end (TTL retention + 1 day): 410, not 404;
                                   holds the run's subject, so only its owner learns the run existed
@@ -76,6 +77,7 @@ from service.runs.base import (
     CancelCallback,
     ChatBusyError,
     CursorError,
+    IdempotencyKeyReusedError,
     RunBackend,
     RunExpiredError,
     RunNotFoundError,
@@ -98,13 +100,19 @@ _TOMBSTONE_EXTRA_S: Final = 86_400.0
 _READERS_TTL_S: Final = 86_400.0
 _CANCEL_TTL_S: Final = 3_600.0
 _IDEM_FIELD: Final = "idempotency_key"
+_HASH_FIELD: Final = "request_hash"
 
 # KEYS: chat, record, idem, the subject's running set. ARGV: run id, use idem ("1"/"0"), the most running
-# runs of the subject ("0": no limit, or no subject), prefix of record keys, record field/value pairs...
+# runs of the subject ("0": no limit, or no subject), prefix of record keys, the request's hash (kept in the
+# record as ``request_hash``: an idem key reused with another hash is refused), record field/value pairs...
 _CREATE_LUA = """
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[3])
-  if existing then return {'existing', existing} end
+  if existing then
+    local first = redis.call('HGET', ARGV[4] .. existing, 'request_hash')
+    if first and first ~= ARGV[5] then return {'reused', existing} end
+    return {'existing', existing}
+  end
 end
 local active = redis.call('GET', KEYS[1])
 if active then return {'busy', active} end
@@ -125,7 +133,7 @@ if limit > 0 then
 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
-redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], 'request_hash', ARGV[5], unpack(ARGV, 6))
 return {'created', ARGV[1]}
 """
 
@@ -242,6 +250,7 @@ def _record_fields(record: RunRecord, idem_key: str | None) -> list[str]:
 def _decode_record(raw: Mapping[Any, Any]) -> RunRecord:
     fields = {_text(k): _text(v) for k, v in raw.items()}
     fields.pop(_IDEM_FIELD, None)
+    fields.pop(_HASH_FIELD, None)
     return msgspec.convert(fields, RunRecord, strict=False)
 
 
@@ -352,20 +361,22 @@ class RedisRunBackend(RunBackend):
 
     @_bounded
     async def create_run(  # noqa: D102
-        self, record: RunRecord, *, idempotency_key: str | None = None, max_active: int = 0
+        self, record: RunRecord, *, idempotency_key: str | None = None, request_hash: str = "", max_active: int = 0
     ) -> tuple[RunRecord, bool]:
         if not self._tasks:
             raise RuntimeError("RedisRunBackend.start() must run before create_run (owner liveness)")
         record = msgspec.structs.replace(record, owner=self.instance_id)
-        outcome, run_id = await self._try_create(record, idempotency_key, max_active)
+        outcome, run_id = await self._try_create(record, idempotency_key, request_hash, max_active)
         if outcome == "busy" and await self._fail_if_owner_lost(run_id):
-            outcome, run_id = await self._try_create(record, idempotency_key, max_active)
+            outcome, run_id = await self._try_create(record, idempotency_key, request_hash, max_active)
         match outcome:
             case "created":
                 self._seqs[record.id] = 0
                 return record, True
             case "existing":
                 return await self.get_run(run_id), False
+            case "reused":
+                raise IdempotencyKeyReusedError(run_id)
             case "busy":
                 raise ChatBusyError(run_id)
             case "too_many":
@@ -373,7 +384,9 @@ class RedisRunBackend(RunBackend):
             case _:
                 raise ValueError(f"run {run_id} already exists")
 
-    async def _try_create(self, record: RunRecord, idempotency_key: str | None, max_active: int) -> tuple[str, str]:
+    async def _try_create(
+        self, record: RunRecord, idempotency_key: str | None, request_hash: str, max_active: int
+    ) -> tuple[str, str]:
         idem = self._keys.idem(idempotency_key) if idempotency_key is not None else ""
         subject = record.subject
         keys = [
@@ -383,7 +396,14 @@ class RedisRunBackend(RunBackend):
             self._keys.running(subject or ""),
         ]
         limit = max_active if subject is not None else 0
-        args = [record.id, "1" if idem else "0", limit, self._keys.record(""), *_record_fields(record, idem or None)]
+        args = [
+            record.id,
+            "1" if idem else "0",
+            limit,
+            self._keys.record(""),
+            request_hash,
+            *_record_fields(record, idem or None),
+        ]
         outcome, run_id = cast("list[bytes]", await self._create_script(keys=keys, args=args))
         return outcome.decode(), run_id.decode()
 

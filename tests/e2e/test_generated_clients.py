@@ -13,17 +13,16 @@ import asyncio
 import importlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.auth import AUDIENCE, SECRET, hs256
 from tests.support.live_server import REPO_ROOT, ServiceProcess
+from tests.support.node import node_tools, npm_ci, run
 
 SPEC = REPO_ROOT / "openapi" / "openapi.json"
 TS_DIR = REPO_ROOT / "tests" / "e2e" / "ts_client"
@@ -54,16 +53,6 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         service.log_path.unlink(missing_ok=True)
 
 
-def _run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(  # noqa: S603 - fixed commands
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    )
-    return result.stdout
-
-
 # --------------------------------------------------------------------------- Python
 
 
@@ -71,7 +60,7 @@ def _run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | No
 def python_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
     out = tmp_path_factory.mktemp("pyclient")
     generator = [sys.executable, "-m", "openapi_python_client"]
-    _run([*generator, "generate", "--path", str(SPEC), "--output-path", str(out / PACKAGE), "--meta", "none"], out, 120)
+    run([*generator, "generate", "--path", str(SPEC), "--output-path", str(out / PACKAGE), "--meta", "none"], out, 120)
     sys.path.insert(0, str(out))
     try:
         yield importlib.import_module(PACKAGE)
@@ -81,7 +70,7 @@ def python_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
             del sys.modules[name]
 
 
-def test_python_client_drives_a_run(python_client: Any, live_url: str) -> None:
+def test_python_client_drives_arun(python_client: Any, live_url: str) -> None:
     api = importlib.import_module(f"{PACKAGE}.api")
     chats = importlib.import_module(f"{PACKAGE}.api.chats")
     runs = importlib.import_module(f"{PACKAGE}.api.runs")
@@ -143,27 +132,14 @@ def test_python_client_drives_a_run(python_client: Any, live_url: str) -> None:
 # --------------------------------------------------------------------------- TypeScript
 
 
-def _node_tools() -> tuple[str, str]:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        reason = "node and npm are needed for the TypeScript client test"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI requires them", pytrace=False)
-        pytest.skip(reason)
-    return node, npm
-
-
 def test_typescript_client_streams_and_resumes(live_url: str) -> None:
-    _, npm = _node_tools()
-    lock = TS_DIR / "package-lock.json"
-    stamp = TS_DIR / "node_modules" / ".package-lock.json"
-    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
-        _run([npm, "ci", "--no-audit", "--no-fund"], TS_DIR, 240)
+    _, npm = node_tools("the TypeScript client test")
+    npm_ci(TS_DIR, npm)
     shutil.rmtree(TS_OUT, ignore_errors=True)
     openapi_ts = str(TS_DIR / "node_modules" / ".bin" / "openapi-ts")
-    _run([openapi_ts, "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
+    run([openapi_ts, "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
     assert (TS_OUT / "sdk.gen.ts").exists()
     tsx = str(TS_DIR / "node_modules" / ".bin" / "tsx")
-    output = _run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN})
+    output = run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN})
     assert output.startswith("OK:"), output
     print(output)

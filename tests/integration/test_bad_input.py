@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.integration.conftest import MODEL, TERMINAL, Service
+from tests.integration.conftest import MODEL, TERMINAL, Service, ServiceFactory
 from tests.support.upstream import finish, text
 
 
@@ -196,7 +196,7 @@ async def test_each_bad_frame_gets_an_error_frame_and_the_socket_stays_usable(se
 
 async def test_a_flood_of_frames_is_closed_with_1008_and_other_sockets_are_unaffected(service: Service) -> None:
     async def flood(ws: Any) -> None:
-        for _ in range(1000):
+        for _ in range(5000):  # a burst of 1,000 is allowed, then 500 frames/s: a flood is far faster
             await ws.send("garbage")
         async with asyncio.timeout(5):
             while True:
@@ -208,6 +208,43 @@ async def test_a_flood_of_frames_is_closed_with_1008_and_other_sockets_are_unaff
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
         await calm.send(json.dumps({"type": "ping", "nonce": 1}))
         assert await recv(calm) == {"type": "pong", "nonce": 1}
+
+
+async def test_an_honest_soak_of_back_to_back_runs_is_never_cut(make_service: ServiceFactory) -> None:
+    """16 chats on one socket, each starting its next run (and a ping) as soon as the last one ended.
+
+    That is the most a client doing real work sends: about 250 frames/s here, against the limit of
+    500 frames/s after a burst of 1,000; with 50 frames/s and a burst of 100 it was cut with 1008
+    after about 60 runs.
+    """
+    service = await make_service(demo=True)
+    chats = [await service.create_chat(model="demo") for _ in range(16)]
+    runs, started, ended = 400, 0, 0
+    chat_of: dict[str, str] = {}
+    async with websockets.connect(service.ws_url) as ws:
+
+        async def start(chat: str) -> None:
+            nonlocal started
+            started += 1
+            await ws.send(json.dumps({"type": "run.create", "chat_id": chat, "message": "hi", "client_ref": chat}))
+
+        for chat in chats:
+            await start(chat)
+        async with asyncio.timeout(90):
+            while ended < runs:
+                frame = await recv(ws)
+                assert frame["type"] != "error", frame
+                if frame["type"] == "run.accepted":
+                    chat_of[frame["run_id"]] = frame["client_ref"]
+                elif frame["type"] in TERMINAL:
+                    assert frame["type"] == "run.completed", frame
+                    ended += 1
+                    await ws.send(json.dumps({"type": "ping", "nonce": ended}))
+                    if started < runs:
+                        await start(chat_of.pop(frame["run_id"]))
+        await ws.send(json.dumps({"type": "ping", "nonce": 0}))
+        while (frame := await recv(ws))["type"] != "pong" or frame["nonce"] != 0:
+            pass
 
 
 async def test_frames_over_the_transport_limit_close_with_1009(service: Service) -> None:

@@ -22,11 +22,13 @@ from service.events import AnyEvent
 from service.openapi import (
     ASYNCAPI_PATH,
     OPENAPI_PATH,
+    asyncapi_discriminators,
     build_asyncapi,
     build_openapi,
     dump_asyncapi,
     dump_openapi,
     event_discriminator,
+    require_seq,
 )
 from service.settings import Settings
 from tests.support.live_server import REPO_ROOT, serve
@@ -215,9 +217,13 @@ def test_asyncapi_describes_every_frame_and_event() -> None:
 
 
 def test_asyncapi_payloads_are_msgspec_generated() -> None:
+    """msgspec's schemas, with the document's two adjustments: ``seq`` required, discriminators by name."""
     _, components = msgspec.json.schema_components(
         [ClientFrame, ServerFrame, AnyEvent], ref_template="#/components/schemas/{name}"
     )
+    require_seq(components)
+    asyncapi_discriminators(components)
+    assert "seq" in components["TextDelta"]["required"]
     doc = yaml.safe_load(ASYNCAPI_FILE.read_text(encoding="utf-8"))
     for name, schema in components.items():
         assert doc["components"]["schemas"][name] == json.loads(json.dumps(schema))
