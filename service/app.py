@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store=store,
         tools=tools,
         shutdown_grace_s=settings.shutdown_grace_s,
+        final_write_retry_s=settings.final_write_retry_s,
         limits=RunLimits(
             max_active_runs=settings.max_active_runs_per_subject,
             token_budget=settings.token_budget,

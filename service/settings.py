@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Events kept per run log; older ones are dropped past it."""
     shutdown_grace_s: float = 10.0
     """On shutdown, how long running runs may finish before they are cancelled."""
+    final_write_retry_s: float = 30.0
+    """How long the end of a run retries storing its answer while the store is down (then `store_unavailable`)."""
 
     sse_ping_s: float = 15.0
     """Heartbeat comment interval on idle SSE streams."""
@@ -188,7 +190,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise SettingsError(f"invalid setting: SERVICE_{name.upper()} must be > 0")
         if not 1000 <= self.sse_retry_ms <= 60_000:
             raise SettingsError("invalid setting: SERVICE_SSE_RETRY_MS must be within 1000..60000")
-        for name in ("upstream_max_retries", "demo_token_delay_ms", "shutdown_grace_s"):
+        for name in ("upstream_max_retries", "demo_token_delay_ms", "shutdown_grace_s", "final_write_retry_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"invalid setting: SERVICE_{name.upper()} cannot be negative")
         if self.rate_limit_per_minute < 0 or self.token_budget < 0:

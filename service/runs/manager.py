@@ -64,6 +64,9 @@ _SNAPSHOT_RETRIES = 3
 """How often one reader falls back to a snapshot (its cursor older than the kept events) before it stops."""
 CANCEL_WAIT_S = 10.0
 """How long a cancel waits for the run to end before it answers with the run as it is."""
+_FIRST_RETRY_S = 0.1
+_LAST_RETRY_S = 2.0
+"""The final store write's backoff: 0.1 s, doubling, at most 2 s between tries."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
 
@@ -126,6 +129,7 @@ class RunManager:
         store: ChatStore,
         tools: ToolSource | None,
         shutdown_grace_s: float,
+        final_write_retry_s: float = 30.0,
         limits: RunLimits | None = None,
     ) -> None:
         self.engine = engine
@@ -134,6 +138,9 @@ class RunManager:
         self.store = store
         self.tools = tools
         self._grace = shutdown_grace_s
+        self._final_write_retry_s = final_write_retry_s
+        self._ending: set[str] = set()
+        """Runs writing their end: a cancel has nothing left to stop."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._chats: OrderedDict[str, Chat] = OrderedDict()  # recent chats' settings, least recent first
         self._chat_chars = 0
@@ -178,8 +185,9 @@ class RunManager:
             await asyncio.wait(list(self._tasks.values()), timeout=left)
         pending = list(self._tasks.items())
         for run_id, task in pending:
-            self._cancel_reasons[run_id] = "shutdown"
-            task.cancel()
+            if run_id not in self._ending:  # a run writing its end finishes it
+                self._cancel_reasons[run_id] = "shutdown"
+                task.cancel()
         await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
         for reader in list(self._readers):
             if await self._goes_on(reader.run_id):
@@ -323,34 +331,62 @@ class RunManager:
         run_id = request.run_id
         loop = asyncio.get_running_loop()
         started, events = loop.time(), 0
+        terminal: AnyEvent | None = None
         metrics.ACTIVE_RUNS.inc()
         try:
-            async for event in self.engine.run(request):
-                events += 1
-                if is_terminal(event):
-                    event = await self._persist(transcript, event)
-                else:
+            try:
+                async for event in self.engine.run(request):
+                    events += 1
+                    if is_terminal(event):
+                        terminal = event  # written by _end, once the engine has closed its upstream
+                        continue
                     if events == 2:  # the first event after run.started is the model's first output
                         metrics.TIME_TO_FIRST_EVENT.observe(loop.time() - started)
                     transcript.add(event)
-                await self.backend.append(run_id, event)
-        except asyncio.CancelledError:
-            reason = self._cancel_reasons.pop(run_id, "cancelled")
-            cancelled = RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
-            await self.backend.append(run_id, await self._persist(transcript, cancelled))
-            raise
-        except Exception:
-            log.exception("run %s crashed", run_id)
-            failed = RunFailed(
-                run_id=run_id, error=ErrorInfo("internal", "an internal error stopped the run"), message_id=None
+                    await self.backend.append(run_id, event)
+            except asyncio.CancelledError:
+                reason = self._cancel_reasons.pop(run_id, "cancelled")
+                await self._end(
+                    transcript, terminal or RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
+                )
+                raise
+            except Exception:
+                log.exception("run %s crashed", run_id)
+            await self._end(
+                transcript,
+                terminal
+                or RunFailed(
+                    run_id=run_id, error=ErrorInfo("internal", "an internal error stopped the run"), message_id=None
+                ),
             )
-            with contextlib.suppress(Exception):
-                await self.backend.append(run_id, await self._persist(transcript, failed))
         finally:
             self._tasks.pop(run_id, None)
             self._cancel_reasons.pop(run_id, None)
+            self._ending.discard(run_id)
             metrics.ACTIVE_RUNS.dec()
             metrics.RUN_EVENTS.inc(events)
+
+    async def _end(self, transcript: Transcript, terminal: AnyEvent) -> None:
+        """Store the answer, then append the terminal event: in a task of its own, which no cancel reaches.
+
+        From here on a cancel of the run finds nothing to stop (``_on_cancel``, the drain), and one that
+        was already on its way waits for the end being written: whatever the interleaving, the run
+        gets exactly one terminal event. (Before, a cancel landing during the store write wrote the
+        answer a second time, hit the message's unique id and wrote no terminal event at all.)
+        """
+        self._ending.add(transcript.run_id)
+        ending = asyncio.create_task(self._write_end(transcript, terminal), name=f"end-{transcript.run_id}")
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            await ending
+            raise
+
+    async def _write_end(self, transcript: Transcript, terminal: AnyEvent) -> None:
+        try:
+            await self.backend.append(transcript.run_id, await self._persist(transcript, terminal))
+        except Exception:
+            log.exception("run %s: could not write its end", transcript.run_id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task of its own (a cancelled caller cannot await), keeping a reference."""
@@ -373,18 +409,40 @@ class RunManager:
                 messages = transcript.messages("failed", error.code)
             case _:
                 return terminal
-        try:
-            await self.store.append_messages(transcript.chat_id, messages)
-        except (StoreUnavailableError, LookupError) as exc:
-            log.warning("run %s: could not store its messages: %s", transcript.run_id, exc)
+        if await self._store_answer(transcript, messages):
+            terminal = msgspec.structs.replace(terminal, message_id=transcript.message_id)
+        else:
             error = ErrorInfo("store_unavailable", "the answer could not be stored")
             terminal = RunFailed(run_id=transcript.run_id, error=error, message_id=None)
-        else:
-            terminal = msgspec.structs.replace(terminal, message_id=transcript.message_id)
         metrics.RUNS_FINISHED.labels(terminal_status(terminal)).inc()
         if isinstance(terminal, RunFailed):
             metrics.RUN_ERRORS.labels(terminal.error.code).inc()
         return terminal
+
+    async def _store_answer(self, transcript: Transcript, messages: list[Message]) -> bool:
+        """Append the run's messages, retrying while the store is down, for up to ``final_write_retry_s``.
+
+        The append is idempotent, so a retry after a write whose answer was lost does not write twice.
+        False when the store stayed down (or the chat was deleted meanwhile).
+        """
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self._final_write_retry_s, _FIRST_RETRY_S
+        while True:
+            try:
+                await self.store.append_messages(transcript.chat_id, messages, idempotent=True)
+                return True
+            except LookupError:
+                log.warning("run %s: its chat was deleted before the answer was stored", transcript.run_id)
+                return False
+            except StoreUnavailableError as exc:
+                if loop.time() + delay > deadline:
+                    log.warning("run %s: could not store its messages: %s", transcript.run_id, exc)
+                    return False
+                log.warning(
+                    "run %s: the store is down, retrying the answer in %.2f s: %s", transcript.run_id, delay, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LAST_RETRY_S)
 
     async def _count_usage(self, transcript: Transcript) -> None:
         usage, owner = transcript.usage, transcript.owner
@@ -397,7 +455,7 @@ class RunManager:
 
     def _on_cancel(self, run_id: str, reason: str) -> None:
         task = self._tasks.get(run_id)
-        if task is not None and not task.done():
+        if task is not None and not task.done() and run_id not in self._ending:
             self._cancel_reasons.setdefault(run_id, reason)
             task.cancel()
 

@@ -117,8 +117,12 @@ class ChatStore(ABC):
         """Delete the chat and its messages; False when there was none."""
 
     @abstractmethod
-    async def append_messages(self, chat_id: str, messages: list[Message]) -> None:
-        """Append messages to a chat in one transaction (all or nothing)."""
+    async def append_messages(self, chat_id: str, messages: list[Message], *, idempotent: bool = False) -> None:
+        """Append messages to a chat in one transaction (all or nothing).
+
+        With ``idempotent``, messages whose first id is stored already were written by an earlier
+        call (whose answer was lost: a cancel, a dropped connection) and are not written again.
+        """
 
     @abstractmethod
     async def list_messages(self, chat_id: str) -> list[Message]:

@@ -453,7 +453,7 @@ class SqlChatStore(ChatStore):
         deleted = await self._write(lambda conn: conn.execute(statement).rowcount)
         return deleted > 0
 
-    async def append_messages(self, chat_id: str, messages: list[Message]) -> None:
+    async def append_messages(self, chat_id: str, messages: list[Message], *, idempotent: bool = False) -> None:
         """Append ``messages`` after the chat's last one, in one transaction; bumps ``updated_at``.
 
         Messages with ``created_at`` unset (0) are stamped with the current time; each
@@ -461,9 +461,12 @@ class SqlChatStore(ChatStore):
 
         Raises:
             LookupError: There is no such chat (nothing is written).
-            ValueError: A message id already exists (nothing is written).
+            ValueError: A message id already exists (nothing is written), unless ``idempotent``.
         """
-        await self._write(functools.partial(_append, chat_id, messages, time.time()))
+        if idempotent and messages:
+            await self._write(functools.partial(_append_once, chat_id, messages, time.time()))
+        else:
+            await self._write(functools.partial(_append, chat_id, messages, time.time()))
 
     async def append_and_list(self, chat_id: str, messages: list[Message]) -> list[Message]:
         """``append_messages``, then the chat's messages, oldest first, in one transaction (one round trip)."""
@@ -480,6 +483,13 @@ class SqlChatStore(ChatStore):
         """The chat's messages, oldest first (empty for an unknown chat)."""
         rows = await self._read(lambda conn: conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).mappings().all())
         return [_from_row(row, Message) for row in rows]
+
+
+def _append_once(chat_id: str, messages: list[Message], now: float, conn: Connection) -> None:
+    """``_append`` unless the first message is stored already (the rest were written with it)."""
+    stored = conn.execute(sa.select(messages_table.c.id).where(messages_table.c.id == messages[0].id)).first()
+    if stored is None:
+        _append(chat_id, messages, now, conn)
 
 
 def _append(chat_id: str, messages: list[Message], now: float, conn: Connection) -> None:

@@ -166,7 +166,7 @@ async def test_a_database_outage_mid_run_fails_the_run_and_writes_nothing_half(
 
 
 async def outage_mid_run(make_service: ServiceFactory, database_url: str, postgres_url: str) -> None:
-    service = await make_service(database_url=database_url)
+    service = await make_service(database_url=database_url, final_write_retry_s=0.5)  # the store stays down
     name = database_url.rsplit("/", 1)[1]
     hold = asyncio.Event()
     service.upstream.enqueue(text("half an answer"), gate(hold), finish())

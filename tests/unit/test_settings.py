@@ -84,7 +84,12 @@ def test_a_bad_value_stops_start_up_naming_the_variable(name: str, value: str, s
         Settings.from_env({name: value})
 
 
-NEGATIVE = ["SERVICE_UPSTREAM_MAX_RETRIES", "SERVICE_DEMO_TOKEN_DELAY_MS", "SERVICE_SHUTDOWN_GRACE_S"]
+NEGATIVE = [
+    "SERVICE_UPSTREAM_MAX_RETRIES",
+    "SERVICE_DEMO_TOKEN_DELAY_MS",
+    "SERVICE_SHUTDOWN_GRACE_S",
+    "SERVICE_FINAL_WRITE_RETRY_S",
+]
 
 
 @pytest.mark.parametrize("name", NEGATIVE)
