@@ -33,7 +33,7 @@ fuzz: sync
 
 # Apply the database migrations to SERVICE_DATABASE_URL (the service also does it at start-up)
 migrate: sync
-    uv run python -m service.store.sql
+    uv run python -m service migrate
 
 # Benchmark the service against a bare ASGI floor and a FastAPI relay (`just bench --quick` for a smoke run)
 bench *args: sync
