@@ -1,4 +1,4 @@
-"""``uv run python -m tests.bench [--quick] [--scenario i,ii,iii] [--targets floor,relay,service]``.
+"""``uv run python -m tests.bench [--quick] [--scenario i,ii,iii,iv,v] [--targets floor,relay,service]``.
 
 Starts the fake upstream on the load core, then for every scenario, target and transport a
 fresh target process alone on the target core, measured from /proc while the load client
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller counts, about a minute")
-    p.add_argument("--scenario", default="i,ii,iii", help="comma list of i, ii, iii (or 1, 2, 3)")
+    p.add_argument("--scenario", default="i,ii,iii,iv,v", help="comma list of i, ii, iii, iv, v (or 1 to 5)")
     p.add_argument("--targets", default="floor,relay,service", help="comma list of floor, relay, service")
     p.add_argument("--transports", default="sse,ws", help="comma list of sse, ws")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json", help="JSON output file")

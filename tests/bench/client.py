@@ -52,6 +52,8 @@ class Plan(msgspec.Struct, kw_only=True):
     warmup_streams: int = 2
     warmup_tokens: int = 20
     timeout_s: float = 60.0
+    arrivals_per_s: float = 0.0
+    """0: each round's streams start at once; else one starts every ``1 / arrivals_per_s`` seconds."""
 
 
 class StreamResult(msgspec.Struct, kw_only=True):
@@ -146,11 +148,22 @@ async def open_all(streams: list[Stream]) -> None:
     await asyncio.gather(*(one(s) for s in streams))
 
 
-async def run_round(streams: list[Stream], timeout_s: float) -> None:
-    """Start every stream at once and wait for all to finish (or time out)."""
+async def run_round(streams: list[Stream], timeout_s: float, arrivals_per_s: float = 0.0) -> None:
+    """Start every stream (at once, or ``arrivals_per_s`` apart) and wait for all to finish (or time out).
+
+    Paced starts follow an absolute schedule (stream ``i`` at ``t0 + i / arrivals_per_s``), each
+    from its own timer, so a late wake-up does not shift the streams after it.
+    """
     live = [s for s in streams if s.reader is not None and s.tally.error is None]
-    for stream in live:
-        stream.start()
+    if arrivals_per_s > 0:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.01
+        for i, stream in enumerate(live):
+            loop.call_at(t0 + i / arrivals_per_s, stream.start)
+        await asyncio.sleep(max(0.0, t0 + len(live) / arrivals_per_s - loop.time()))
+    else:
+        for stream in live:
+            stream.start()
     waiting = [s.reader.finished for s in live if s.reader is not None]
     if waiting:
         await asyncio.wait(waiting, timeout=timeout_s)
@@ -186,7 +199,7 @@ async def main_async(stdin: asyncio.StreamReader, plan: Plan) -> None:
     results: list[StreamResult] = []
     for r in range(plan.rounds):
         batch = streams[r * plan.streams : (r + 1) * plan.streams]
-        await run_round(batch, plan.timeout_s)
+        await run_round(batch, plan.timeout_s, plan.arrivals_per_s)
         results += [s.result(r) for s in batch]
     sys.stdout.write("RESULT " + msgspec.json.encode(results).decode() + "\n")
     sys.stdout.flush()

@@ -3,7 +3,8 @@
 Definitions (all per target, transport and scenario):
 
 - ``cpu_us_per_token``: target CPU (``utime + stime`` delta over the streaming window) divided by
-  the tokens delivered; ``cpu_us_per_token_sched`` is the same from schedstat (ns resolution).
+  the tokens delivered; ``cpu_us_per_token_sched`` is the same from schedstat (ns resolution);
+  ``cpu_us_per_run``: the schedstat CPU divided by the streams (runs) of the scenario.
 - ``events_per_s``: token events delivered divided by the streaming time; per round, the time
   from the first request written to the last token received, summed over rounds.
 - ``ttft_added_*``: per stream, (first token received - request written) - the upstream's TTFT.
@@ -11,7 +12,7 @@ Definitions (all per target, transport and scenario):
   minus the upstream's pacing delay).
 - ``rss_*``: idle = VmRSS after warm-up and before connecting; open = VmHWM over the window
   (reset at its start), i.e. with all streams open; per stream = (open - idle) / concurrent
-  streams; peak = the process's VmHWM over its whole life.
+  streams (``Scenario.concurrent``); peak = the process's VmHWM over its whole life.
 - ``foreign_load_pct``: CPU that other processes used on the target's core during the window
   (core busy time from /proc/stat minus the target's own), as % of the window; ``load_core_pct``:
   how busy the load core (upstream + clients) was. Both are noise indicators.
@@ -77,6 +78,7 @@ def summarise(
         "cpu_s_sched": round(cpu_sched, 4),
         "cpu_us_per_token": _per_token(cpu_stat, tokens),
         "cpu_us_per_token_sched": _per_token(cpu_sched, tokens),
+        "cpu_us_per_run": _per_token(cpu_sched, len(results)),
         "events_per_s": events_per_s(results),
         "ttft_added_p50_ms": percentile(ttfts, 50),
         "ttft_added_p99_ms": percentile(ttfts, 99),
@@ -86,6 +88,6 @@ def summarise(
         "rss_idle_mb": idle / 1024,
         "rss_open_mb": open_ / 1024,
         "peak_rss_mb": mem["peak_kb"] / 1024,
-        "rss_per_stream_kb": (open_ - idle) / scenario.streams,
+        "rss_per_stream_kb": (open_ - idle) / scenario.concurrent,
         "rss_open_source": mem["open_source"],
     }

@@ -18,6 +18,7 @@ COLUMNS: list[tuple[str, str, Callable[[Row], Any]]] = [
     ("err", ">5", lambda r: r.get("errors")),
     ("cpu us/tok", ">10", lambda r: r.get("cpu_us_per_token")),
     ("(sched)", ">8", lambda r: r.get("cpu_us_per_token_sched")),
+    ("us/run", ">7", lambda r: r.get("cpu_us_per_run")),
     ("events/s", ">9", lambda r: r.get("events_per_s")),
     ("+ttft p50", ">9", lambda r: r.get("ttft_added_p50_ms")),
     ("+ttft p99", ">9", lambda r: r.get("ttft_added_p99_ms")),
@@ -69,32 +70,73 @@ def _check(name: str, value: float | None, limit: str, ok: Callable[[float], boo
     return {"check": name, "value": value, "limit": limit, "status": status}
 
 
+def _get(row: Row | None, key: str) -> float | None:
+    value = (row or {}).get(key)
+    return None if value is None else float(value)
+
+
 def checks(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """The targets from the issue, each PASS / FAIL, or SKIP when a row is missing."""
-    out = []
+    """The targets from the issues, each PASS / FAIL, or SKIP when a row is missing."""
+    out: list[dict[str, Any]] = []
     for tr in ("sse", "ws"):
-        for sc in ("i", "ii"):
+        for sc, limit in (("i", 0.25), ("ii", 0.20)):
             svc, relay = _find(rows, "service", tr, sc), _find(rows, "relay", tr, sc)
             ratio = _ratio(svc, relay, "cpu_us_per_token")
             out.append(
-                _check(f"({sc}) {tr}: service CPU/token / relay CPU/token", ratio, "<= 0.25", lambda v: v <= 0.25)
+                _check(
+                    f"({sc}) {tr}: service CPU/token / relay CPU/token", ratio, f"<= {limit}", lambda v, m=limit: v <= m
+                )
             )
         svc = _find(rows, "service", tr, "iii")
-        errors = None if svc is None else float(svc["errors"])
-        out.append(_check(f"(iii) {tr}: service errors", errors, "== 0", lambda v: v == 0))
-        peak = None if svc is None else svc["peak_rss_mb"]
-        out.append(_check(f"(iii) {tr}: service peak RSS MB", peak, "< 200", lambda v: v < 200))
+        out.append(_check(f"(iii) {tr}: service errors", _get(svc, "errors"), "== 0", lambda v: v == 0))
+        out.append(_check(f"(iii) {tr}: service peak RSS MB", _get(svc, "peak_rss_mb"), "< 200", lambda v: v < 200))
         ratio = _ratio(svc, _find(rows, "floor", tr, "iii"), "ttft_added_p50_ms")
         out.append(_check(f"(iii) {tr}: service added TTFT p50 / floor's", ratio, "<= 2", lambda v: v <= 2))
-        eps = (_find(rows, "service", tr, "i") or {}).get("events_per_s")
+        p99 = _get(svc, "ttft_added_p99_ms")
+        out.append(_check(f"(iii) {tr}: service added TTFT p99 ms", p99, "<= 1000", lambda v: v <= 1000))
+        out += _steady_checks(rows, tr)
+        svc = _find(rows, "service", tr, "v")
+        out.append(
+            _check(f"(v) {tr}: service CPU us per run", _get(svc, "cpu_us_per_run"), "<= 500", lambda v: v <= 500)
+        )
+        eps = _get(_find(rows, "service", tr, "i"), "events_per_s")
         out.append(_check(f"(i) {tr}: service events/s", eps, ">= 20000", lambda v: v >= 20000))
     return out
+
+
+def _steady_checks(rows: Sequence[Row], tr: str) -> list[dict[str, Any]]:
+    """Scenario (iv): no errors, added TTFT p50 within 2x the floor's + 5 ms, p99 and added gap p99."""
+    svc, floor = _find(rows, "service", tr, "iv"), _find(rows, "floor", tr, "iv")
+    floor_p50 = _get(floor, "ttft_added_p50_ms")
+    p50 = _get(svc, "ttft_added_p50_ms")
+    excess = None if p50 is None or floor_p50 is None else p50 - (2 * floor_p50 + 5)
+    return [
+        _check(f"(iv) {tr}: service errors", _get(svc, "errors"), "== 0", lambda v: v == 0),
+        _check(
+            f"(iv) {tr}: service added TTFT p50 - (2 x floor's + 5 ms), ms "
+            f"(service {_cell(p50)}, floor {_cell(floor_p50)})",
+            excess,
+            "<= 0",
+            lambda v: v <= 0,
+        ),
+        _check(f"(iv) {tr}: service added TTFT p99 ms", _get(svc, "ttft_added_p99_ms"), "<= 100", lambda v: v <= 100),
+        _check(f"(iv) {tr}: service added gap p99 ms", _get(svc, "gap_added_p99_ms"), "<= 50", lambda v: v <= 50),
+    ]
+
+
+def per_run(rows: Sequence[Row]) -> list[str]:
+    """Scenario (v): CPU per run of the three targets side by side."""
+    lines = []
+    for tr in ("sse", "ws"):
+        cells = [f"{t} {_cell(_get(_find(rows, t, tr, 'v'), 'cpu_us_per_run'))}" for t in ("floor", "relay", "service")]
+        lines.append(f"(v) {tr}: CPU us per run: " + ", ".join(cells) + " (target: service <= 500)")
+    return lines
 
 
 def ratios(rows: Sequence[Row]) -> list[str]:
     """Informational ratios between the targets (CPU per token and added TTFT p50)."""
     lines = []
-    for sc in ("i", "ii", "iii"):
+    for sc in ("i", "ii", "iii", "iv", "v"):
         for tr in ("sse", "ws"):
             floor, relay, svc = (_find(rows, t, tr, sc) for t in ("floor", "relay", "service"))
             parts = [
@@ -112,6 +154,7 @@ def render(rows: Sequence[Row], scenarios: Sequence[str]) -> str:
     """Everything printed at the end of a run."""
     out = ["", table(rows), "", "Scenarios:", *[f"  {s}" for s in scenarios], "", "Ratios:"]
     out += [f"  {line}" for line in ratios(rows)]
+    out += ["", "Per run:", *[f"  {line}" for line in per_run(rows)]]
     noisy = [r for r in rows if (r.get("foreign_load_pct") or 0) > 10]
     if noisy:
         out += ["", f"WARNING: {len(noisy)} row(s) shared the target core with other processes (other% > 10):"]

@@ -130,6 +130,7 @@ def plans(scenario: Scenario, target: Target, transport: Transport, port: int, c
             warmup_streams=2 if i == 0 else 0,
             warmup_tokens=WARMUP.tokens,
             timeout_s=scenario.timeout_s,
+            arrivals_per_s=scenario.arrivals_per_s * share / scenario.streams,
         )
         for i, share in enumerate(shares)
     ]

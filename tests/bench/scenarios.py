@@ -5,7 +5,11 @@ Scenarios (full / ``--quick``):
 - ``i``: one stream of 2,000 tokens at full speed (0 delay), repeated one after the other
   (``rounds``) so that the CPU window is long enough for 10 ms clock ticks;
 - ``ii``: 100 concurrent streams of 200 tokens at 20 ms;
-- ``iii``: 1,000 concurrent streams of 50 tokens at 50 ms.
+- ``iii``: 1,000 concurrent streams of 50 tokens at 50 ms;
+- ``iv``: steady arrivals: 3,000 streams of 50 tokens at 50 ms, one starting every 1/300 s over
+  10 s (about 750 open at once);
+- ``v``: the cost of a run: 1,000 runs of 1 token (10 rounds of 100 at once), so that CPU per run
+  is mostly starting and ending runs.
 
 The upstream's time to first token is the scenario's ``ttft_ms``; "added TTFT" is what a target
 adds on top of it.
@@ -30,6 +34,16 @@ class Scenario:
     ttft_ms: float
     rounds: int = 1
     timeout_s: float = 120.0
+    arrivals_per_s: float = 0.0
+    """0: each round's streams start at once; else they arrive one every ``1 / arrivals_per_s`` s."""
+
+    @property
+    def concurrent(self) -> int:
+        """Streams open at once (for memory per stream): all of a round's, or arrival rate x duration."""
+        if self.arrivals_per_s <= 0:
+            return self.streams
+        duration_s = (self.ttft_ms + max(0, self.tokens - 1) * self.delay_ms) / 1000
+        return max(1, min(self.streams, round(self.arrivals_per_s * duration_s)))
 
     @property
     def total_tokens(self) -> int:
@@ -39,8 +53,12 @@ class Scenario:
     def describe(self) -> str:
         """One line for the report."""
         rounds = f" x{self.rounds} in sequence" if self.rounds > 1 else ""
+        arrivals = (
+            f", arriving at {self.arrivals_per_s:g}/s (~{self.concurrent} open)" if self.arrivals_per_s > 0 else ""
+        )
         return (
-            f"{self.streams} stream(s) x {self.tokens} tokens @ {self.delay_ms:g} ms, ttft {self.ttft_ms:g} ms{rounds}"
+            f"{self.streams} stream(s) x {self.tokens} tokens @ {self.delay_ms:g} ms, ttft {self.ttft_ms:g} ms"
+            f"{rounds}{arrivals}"
         )
 
 
@@ -48,13 +66,17 @@ FULL = {
     "i": Scenario("i", streams=1, tokens=2000, delay_ms=0, ttft_ms=0, rounds=5),
     "ii": Scenario("ii", streams=100, tokens=200, delay_ms=20, ttft_ms=20),
     "iii": Scenario("iii", streams=1000, tokens=50, delay_ms=50, ttft_ms=50),
+    "iv": Scenario("iv", streams=3000, tokens=50, delay_ms=50, ttft_ms=50, arrivals_per_s=300),
+    "v": Scenario("v", streams=100, tokens=1, delay_ms=0, ttft_ms=0, rounds=10),
 }
 QUICK = {
     "i": Scenario("i", streams=1, tokens=1000, delay_ms=0, ttft_ms=0, rounds=2),
     "ii": Scenario("ii", streams=20, tokens=50, delay_ms=20, ttft_ms=20),
     "iii": Scenario("iii", streams=100, tokens=20, delay_ms=50, ttft_ms=50),
+    "iv": Scenario("iv", streams=300, tokens=20, delay_ms=50, ttft_ms=50, arrivals_per_s=100),
+    "v": Scenario("v", streams=50, tokens=1, delay_ms=0, ttft_ms=0, rounds=4),
 }
-ALIASES = {"1": "i", "2": "ii", "3": "iii"}
+ALIASES = {"1": "i", "2": "ii", "3": "iii", "4": "iv", "5": "v"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,7 @@ def targets(upstream_url: str) -> dict[str, Target]:
     service_env = {
         "SERVICE_OPENAI_BASE_URL": upstream_url,
         "SERVICE_OPENAI_API_KEY": "bench",
+        "SERVICE_DEFAULT_MODEL": "openai/fake",  # the demo model is off once an upstream is configured
         "SERVICE_DATABASE_URL": "",  # the runner gives each start a fresh temp file
         "SERVICE_LOG_LEVEL": "warning",
     }
