@@ -12,7 +12,8 @@ What it does:
 
 1. HTTP/1.1 to ``http://`` and ``https://`` URLs; ``content-length``, chunked and
    close-delimited response bodies.
-2. Keep-alive: a connection whose response was read to its end by its reader, and that the server
+2. Keep-alive: a connection whose response was read to its end by its reader (every byte of a
+   complete response taken, whether or not the reader then asked for more), and that the server
    lets live, goes back to a per-origin idle list (at most ``max_idle_per_origin``); idle
    connections expire after ``keepalive_expiry``. A response closed unread (the SDK closes an error
    response it retries without reading it) closes its connection, as httpcore does: reusing it once
@@ -168,8 +169,16 @@ class _Connection(asyncio.Protocol):
                 self._waiter = None
 
     def reusable(self) -> bool:
-        """Whether the response was read to its end and the connection may carry another request."""
-        return self._drained and self._keep_alive and self._error is None and not self.closed
+        """Whether the response was read to its end and the connection may carry another request.
+
+        Read to its end: the reader saw the end of the body, or the whole response has arrived and
+        the reader took every byte of it. The second case is the usual one for a streamed
+        completion: the engine stops at ``data: [DONE]``, whose bytes come with the body's end,
+        and never asks for the ``None`` after them. Treating that connection as unread closed one
+        upstream connection per run (a new TCP connection for every run start).
+        """
+        read_to_end = self._drained or (self._complete and not self._body)
+        return read_to_end and self._keep_alive and self._error is None and not self.closed
 
     def failed_before_response(self) -> bool:
         """Whether the connection broke before any byte of the response (a stale keep-alive connection)."""

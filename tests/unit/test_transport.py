@@ -9,14 +9,17 @@ and a stale keep-alive connection need a raw server, so they have one of their o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx2
+import msgspec
 import openai
 import pytest
 
-from service.engine.transport import UpstreamTransport
+from service.engine.transport import READ_BODY, UpstreamTransport
 from tests.support.upstream import (
     ScriptedUpstream,
     cut,
@@ -28,6 +31,7 @@ from tests.support.upstream import (
     text,
     usage,
 )
+from tests.support.wait import until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -189,3 +193,97 @@ async def test_the_service_streams_through_the_transport() -> None:
         assert await streamed_text(client) == "via transport"
         assert isinstance(client._client._transport, UpstreamTransport)  # pyright: ignore[reportPrivateUsage]
         await registry.close()
+
+
+def _sse_response(*events: bytes) -> bytes:
+    """A whole chunked ``text/event-stream`` response, terminator included."""
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %s\n\n" % event for event in events))
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        + body
+        + b"0\r\n\r\n"
+    )
+
+
+async def test_a_run_that_stops_at_done_leaves_its_connection_for_the_next_run() -> None:
+    """The engine stops reading at ``[DONE]``; a response that had fully arrived is still read to its end."""
+    from service.engine.engine import ChatEngine, RunRequest
+    from service.engine.providers import ProviderRegistry
+    from service.events import RunCompleted, TextDelta
+    from service.settings import Settings
+
+    connections: list[int] = []
+    chunk = msgspec.json.encode(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+        }
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(_sse_response(chunk, b"[DONE]"))  # one write: [DONE] and the body's end together
+                await writer.drain()
+
+    server, url = await _raw_server(handle)
+    registry = ProviderRegistry(Settings(openai_base_url=f"{url}/v1", openai_api_key="k", default_model="openai/m"))
+    engine = ChatEngine(registry, max_tool_rounds=1)
+    async with server:
+        for n in range(3):
+            request = RunRequest(
+                run_id=f"run{n}",
+                chat_id="c",
+                model="openai/m",
+                messages=[{"role": "user", "content": "hi"}],
+                message_id="m",
+            )
+            events = [event async for event in engine.run(request)]
+            assert [e.delta for e in events if isinstance(e, TextDelta)] == ["hi"]
+            assert isinstance(events[-1], RunCompleted)
+        await registry.close()
+    assert len(connections) == 1
+
+
+async def test_a_response_with_bytes_left_unread_is_not_reused() -> None:
+    """Bytes that arrived after the reader's last read (here: the rest of the body) close the connection."""
+    connections: list[int] = []
+    more = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                whole = _sse_response(b"first", b"second")
+                cut_at = whole.index(b"data: second") - 4
+                writer.write(whole[:cut_at])
+                await more.wait()
+                writer.write(whole[cut_at:])
+                await writer.drain()
+                more.clear()
+
+    server, url = await _raw_server(handle)
+    transport = UpstreamTransport()
+    async with server, httpx2.AsyncClient(transport=transport) as http:
+        for _ in range(2):
+            request = http.build_request("GET", f"{url}/x")
+            response = await http.send(request, stream=True)
+            read = response.extensions[READ_BODY]
+            assert b"first" in await read()
+            more.set()
+            connection = read.__self__  # the connection's own read(): wait until the rest has arrived, unread
+
+            async def arrived(c: Any = connection) -> bool:
+                return bool(c._complete)
+
+            await until(arrived, timeout=5)
+            await response.aclose()
+    assert len(connections) == 2
