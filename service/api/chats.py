@@ -17,6 +17,7 @@ from litestar.types import ASGIApp
 
 from service import errors
 from service.api.auth import BEARER
+from service.api.deps import RunCaller
 from service.api.schemas import (
     ChatCreate,
     ChatList,
@@ -156,9 +157,7 @@ class ChatController(Controller):
         request: Request[Any, Any, Any],
         chat_id: FromPath[str],
         data: JSONBody[RunCreate],
-        runs: NamedDependency[RunManager],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
+        caller: NamedDependency[RunCaller],
         idempotency_key: Annotated[
             str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200)
         ] = None,
@@ -169,12 +168,13 @@ class ChatController(Controller):
         with the run; follow it at `events_url`. A retried POST with the same `Idempotency-Key` returns
         the same run. A chat has at most one active run: a second one gets `409 chat_busy`.
         """
-        options = run_options(data, settings)
-        record, _ = await runs.start_run(chat_id, options, idempotency_key, owner=principal.owner)
+        runs, owner = caller.runs, caller.principal.owner
+        options = run_options(data, caller.settings)
+        record, _ = await runs.start_run(chat_id, options, idempotency_key, owner=owner)
         if "text/event-stream" in request.headers.get("accept", ""):
-            events = await runs.open_events(record.id, 0, principal.owner)
+            events = await runs.open_events(record.id, 0, owner)
             if events is not None:
-                return sse_response(events, settings)
+                return sse_response(events, caller.settings)
         return as_asgi(Response(run_out(record), status_code=202))
 
     @get(

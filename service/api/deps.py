@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.types import Scope
 
-from service.api.auth import PRINCIPAL
+from service.api.auth import PRINCIPAL, provide_principal
+from service.runs.manager import RunManager
+from service.security import Principal
+from service.settings import Settings
 
 
 def _from_state(attribute: str) -> Provide:
@@ -15,6 +20,26 @@ def _from_state(attribute: str) -> Provide:
         return state[attribute]
 
     return Provide(provide, sync_to_thread=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RunCaller:
+    """What the run-streaming handlers need, as one dependency.
+
+    Litestar resolves two or more dependencies of a handler concurrently, in an anyio task group of
+    one task each; for three trivial look-ups (the run manager, the settings, the caller) that cost
+    about 150 µs of CPU per request, a tenth of a run started over SSE. One dependency is resolved
+    in the request's own task.
+    """
+
+    runs: RunManager
+    settings: Settings
+    principal: Principal
+
+
+def provide_run_caller(state: State, scope: Scope) -> RunCaller:
+    """The run manager and settings from the app's state, and the caller (set by the auth middleware)."""
+    return RunCaller(state["runs"], state["settings"], provide_principal(scope))
 
 
 DEPENDENCIES: dict[str, Any] = {
@@ -25,5 +50,6 @@ DEPENDENCIES: dict[str, Any] = {
     "tool_catalog": _from_state("tools"),  # ToolCatalog
     "auth": _from_state("auth"),  # Authenticator
     "principal": PRINCIPAL,  # Principal: the caller
+    "caller": Provide(provide_run_caller, sync_to_thread=False),  # RunCaller: for the run-streaming handlers
 }
 """Handlers declare them as ``runs: NamedDependency[RunManager]`` and so on."""

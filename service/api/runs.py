@@ -12,13 +12,13 @@ from litestar.types import ASGIApp
 
 from service import errors
 from service.api.auth import BEARER, BEARER_OR_STREAM_TOKEN, STREAM_TOKEN_OPT
+from service.api.deps import RunCaller
 from service.api.schemas import RunOut, run_out
 from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
 from service.errors import ErrorEnvelope
 from service.events import AnyEvent
 from service.runs.manager import RunManager
 from service.security import Authenticator, Principal, StreamToken
-from service.settings import Settings
 
 NOT_FOUND = ResponseSpec(ErrorEnvelope, description="No such run")
 EXPIRED = ResponseSpec(ErrorEnvelope, description="The run's events are past retention (`run_expired`)")
@@ -58,9 +58,7 @@ class RunController(Controller):
     async def stream_events(
         self,
         run_id: FromPath[str],
-        runs: NamedDependency[RunManager],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
+        caller: NamedDependency[RunCaller],
         after: Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")] = 0,
         snapshot: Annotated[
             bool,
@@ -82,10 +80,10 @@ class RunController(Controller):
         `?snapshot=true` asks for the same, which saves a late joiner the replay of every delta.
         """
         start = after if last_event_id is None else _cursor(last_event_id)
-        events = await runs.open_events(run_id, start, principal.owner, snapshot=snapshot)
+        events = await caller.runs.open_events(run_id, start, caller.principal.owner, snapshot=snapshot)
         if events is None:
             return as_asgi(Response(None, status_code=204))
-        return sse_response(events, settings)
+        return sse_response(events, caller.settings)
 
     @post("/{run_id:str}/cancel", operation_id="CancelRun", status_code=200, responses={404: NOT_FOUND, 410: EXPIRED})
     async def cancel_run(
