@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -133,3 +134,19 @@ async def test_harness_readers_count_floor_stream_exactly(transport: Any) -> Non
         assert len(result.gaps_ms) == TOKENS - 1
         assert result.ttft_s is not None
         assert result.ttft_s >= 0.002
+
+
+async def test_harness_paces_steady_arrivals_on_a_schedule() -> None:
+    """Scenario (iv)'s shape: streams start ``1 / arrivals_per_s`` apart, each still counted exactly."""
+    async with serve(floor.app) as port:
+        target = TargetPlan(name="floor", kind="events", port=port, sse_path="/chat?{query}", ws_path="/ws?{query}")
+        plan = Plan(target=target, transport="sse", streams=5, tokens=TOKENS, delay_ms=1, ttft_ms=1, arrivals_per_s=50)
+        streams = [Stream(plan, None, TOKENS, 1, 1) for _ in range(5)]
+        for stream in streams:
+            await stream.connect()
+        before = time.monotonic()
+        await run_round(streams, 5, plan.arrivals_per_s)
+    results = [s.result(0) for s in streams]
+    assert all(r.error is None and r.tokens == TOKENS for r in results)
+    # Stream i is due 20 ms x i after the round starts; a timer may fire late, never early (1 ms of clock slack).
+    assert all(r.t_sent >= before + i * 0.02 - 0.001 for i, r in enumerate(results))
