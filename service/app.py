@@ -72,6 +72,7 @@ def _run_backend(settings: Settings) -> RunBackend:
             prefix=settings.redis_prefix,
             retention_s=settings.run_retention_s,
             max_events_per_run=settings.max_events_per_run,
+            outage_s=settings.runs_outage_s,
         )
     return MemoryRunBackend(retention_s=settings.run_retention_s, max_events_per_run=settings.max_events_per_run)
 
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         tools=tools,
         shutdown_grace_s=settings.shutdown_grace_s,
         final_write_retry_s=settings.final_write_retry_s,
+        outage_s=settings.runs_outage_s,
         limits=RunLimits(
             max_active_runs=settings.max_active_runs_per_subject,
             token_budget=settings.token_budget,

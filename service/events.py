@@ -23,6 +23,7 @@ ErrorCode = Literal[
     "tool_rounds_exceeded",
     "owner_lost",
     "store_unavailable",
+    "runs_unavailable",
     "not_found",
     "internal",
 ]

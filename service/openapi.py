@@ -402,7 +402,10 @@ the service shuts down: it keeps streaming through its grace period, refuses `ru
 `error` frame `shutting_down`, and closes the socket once every run it follows has sent its terminal
 event (a run still going at the end of the grace period is cancelled with reason `shutdown`); reconnect
 and resume, on another instance with Redis. Runs continue when the socket drops; resume with
-`run.resume`. Clients must ignore frame and event types they do not know."""
+`run.resume`. While the run backend (Redis) does not answer, `run.create`, `run.resume` and `run.cancel`
+get an `error` frame `runs_unavailable`; a followed run whose backend stays down for
+`SERVICE_RUNS_OUTAGE_S` gets one too (`ref`: its `run_id`) and is no longer followed: resume it once the
+backend is back. Clients must ignore frame and event types they do not know."""
 
 
 def _union_members(union: object) -> list[type[msgspec.Struct]]:

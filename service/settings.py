@@ -29,6 +29,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Redis URL for the run backend; unset keeps runs in this process's memory."""
     redis_prefix: str = "chat"
     """Prefix of every Redis key this service writes."""
+    runs_outage_s: float = 30.0
+    """How long runs and their readers wait for the run backend (Redis) to answer again before they give up."""
 
     default_model: str = "demo"
     """Model used when a chat or run names none."""
@@ -163,6 +165,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         positive = (
             "upstream_timeout_s",
             "run_retention_s",
+            "runs_outage_s",
             "max_events_per_run",
             "sse_ping_s",
             "sse_send_timeout_s",

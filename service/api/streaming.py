@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
-from service import metrics
+from service import errors, metrics
 from service.events import AnyEvent, sse_frame
 from service.settings import Settings
 
@@ -20,7 +20,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DESCRIPTION = (
     "The run's events as Server-Sent Events: each event is `id: <seq>` and one `data:` line holding the "
     "event JSON (its `type` is inside). The first frame sets `retry:`; comment lines are heartbeats. "
-    "The stream ends after the terminal event (`run.completed`, `run.cancelled` or `run.failed`). "
+    "The stream ends after the terminal event (`run.completed`, `run.cancelled` or `run.failed`), "
+    "or, when the run backend (Redis) has not answered for `SERVICE_RUNS_OUTAGE_S`, with a `: runs_unavailable` "
+    "comment and no terminal event: resume with `Last-Event-ID` once it is back. "
     "Clients must ignore event types they do not know."
 )
 
@@ -35,6 +37,8 @@ def sse_response(events: AsyncIterator[AnyEvent], settings: Settings) -> ASGIApp
             yield b"retry: %d\n\n" % settings.sse_retry_ms
             async for event in events:
                 yield sse_frame(event)
+        except errors.ServiceError as exc:  # the run backend stayed down: end the body; the client resumes
+            yield b": %s\n\n" % exc.code.encode()
         finally:
             streams.dec()
 

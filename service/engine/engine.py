@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -90,7 +90,7 @@ class ChatEngine:
         self.providers = providers
         self.max_tool_rounds = max_tool_rounds
 
-    async def run(self, request: RunRequest) -> AsyncIterator[AnyEvent]:
+    async def run(self, request: RunRequest) -> AsyncGenerator[AnyEvent]:
         """Stream the events of one run, ending with ``run.completed`` or ``run.failed``."""
         run_id = request.run_id
         model_id, client, upstream_model = self.providers.resolve(request.model)

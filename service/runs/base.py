@@ -13,6 +13,8 @@ Lifecycle of a run in a backend::
         └─ chat claimed                     └─ chat released, finished_at set
 
 Reads never block the writer: a reader keeps its own cursor into the log.
+A backend whose server does not answer (Redis down, restarting or paused) raises
+``BackendUnavailableError`` from any call; repeating an ``append`` is safe.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class IdempotencyKeyReusedError(Exception):
 
 class TooManyRunsError(Exception):
     """The run's subject already has its maximum of running runs."""
+
+
+class BackendUnavailableError(Exception):
+    """The backend's server does not answer (Redis down, restarting or paused) within the call's bound."""
 
 
 class CursorError(Exception):

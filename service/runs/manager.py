@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -48,7 +48,7 @@ import msgspec
 from service import errors, metrics
 from service.engine.engine import ChatEngine, RunRequest, ToolRunner
 from service.engine.providers import DEMO_MODEL
-from service.events import AnyEvent, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
+from service.events import AnyEvent, ErrorCode, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
 from service.ids import new_id
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
@@ -67,6 +67,11 @@ CANCEL_WAIT_S = 10.0
 _FIRST_RETRY_S = 0.1
 _LAST_RETRY_S = 2.0
 """The final store write's backoff: 0.1 s, doubling, at most 2 s between tries."""
+_BACKEND_STOPS: dict[str, tuple[ErrorCode, str]] = {
+    "owner_lost": ("owner_lost", "another instance took this one for dead and finished the run"),
+    "runs_unavailable": ("runs_unavailable", "the run backend lost the run"),
+}
+"""Cancel reasons of the run backend's own; such a run ends (and is stored) as failed with that code."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
 
@@ -131,8 +136,10 @@ class RunManager:
         shutdown_grace_s: float,
         final_write_retry_s: float = 30.0,
         limits: RunLimits | None = None,
+        outage_s: float = 30.0,
     ) -> None:
         self.engine = engine
+        self._outage_s = outage_s
         self.limits = limits or RunLimits()
         self.backend = backend
         self.store = store
@@ -208,6 +215,12 @@ class RunManager:
             raise errors.UnavailableError(
                 "the service is shutting down; start the run again (on another instance)", code="shutting_down"
             )
+        with _backend_errors():
+            return await self._start_run(chat_id, options, idempotency_key, owner)
+
+    async def _start_run(
+        self, chat_id: str, options: RunOptions, idempotency_key: str | None, owner: str | None
+    ) -> tuple[RunRecord, bool]:
         chat = self._chats.get(chat_id) or await self._chat(chat_id, owner)
         if chat.owner != owner:
             raise _not_found("chat", chat_id)
@@ -335,21 +348,28 @@ class RunManager:
         metrics.ACTIVE_RUNS.inc()
         try:
             try:
-                async for event in self.engine.run(request):
-                    events += 1
-                    if is_terminal(event):
-                        terminal = event  # written by _end, once the engine has closed its upstream
-                        continue
-                    if events == 2:  # the first event after run.started is the model's first output
-                        metrics.TIME_TO_FIRST_EVENT.observe(loop.time() - started)
-                    transcript.add(event)
-                    await self.backend.append(run_id, event)
+                async with contextlib.aclosing(self.engine.run(request)) as stream:  # closes the upstream on any exit
+                    async for event in stream:
+                        events += 1
+                        if is_terminal(event):
+                            terminal = event  # written by _end, once the engine has closed its upstream
+                            continue
+                        if events == 2:  # the first event after run.started is the model's first output
+                            metrics.TIME_TO_FIRST_EVENT.observe(loop.time() - started)
+                        transcript.add(event)
+                        await self._append(run_id, event)
             except asyncio.CancelledError:
                 reason = self._cancel_reasons.pop(run_id, "cancelled")
-                await self._end(
-                    transcript, terminal or RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
-                )
+                stopped: AnyEvent = RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
+                if reason in _BACKEND_STOPS:  # the backend stopped the run: its answer is stored as failed
+                    stopped = RunFailed(run_id=run_id, error=ErrorInfo(*_BACKEND_STOPS[reason]))
+                await self._end(transcript, terminal or stopped)
                 raise
+            except base.BackendUnavailableError:
+                log.warning("run %s: the run backend did not answer for %g s; the run fails", run_id, self._outage_s)
+                terminal = RunFailed(
+                    run_id=run_id, error=ErrorInfo("runs_unavailable", "the run backend did not answer")
+                )
             except Exception:
                 log.exception("run %s crashed", run_id)
             await self._end(
@@ -384,9 +404,31 @@ class RunManager:
 
     async def _write_end(self, transcript: Transcript, terminal: AnyEvent) -> None:
         try:
-            await self.backend.append(transcript.run_id, await self._persist(transcript, terminal))
+            await self._append(transcript.run_id, await self._persist(transcript, terminal))
+        except base.BackendUnavailableError:  # the backend keeps it and writes it once Redis is back
+            log.warning("run %s: its terminal event waits for the run backend", transcript.run_id)
+        except base.RunNotFoundError:
+            log.warning("run %s: the run backend no longer knows the run", transcript.run_id)
         except Exception:
             log.exception("run %s: could not write its end", transcript.run_id)
+
+    async def _append(self, run_id: str, event: AnyEvent) -> None:
+        """Append ``event``, waiting out a run backend outage of up to ``outage_s`` (the run holds still meanwhile).
+
+        The upstream is not read while the run waits, so nothing is lost; past the bound
+        ``BackendUnavailableError`` propagates and the run fails with ``runs_unavailable``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self._outage_s, 0.05
+        while True:
+            try:
+                await self.backend.append(run_id, event)
+                return
+            except base.BackendUnavailableError:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task of its own (a cancelled caller cannot await), keeping a reference."""
@@ -462,7 +504,8 @@ class RunManager:
     async def get_run(self, run_id: str, owner: str | None) -> RunRecord:
         """The owner's run; 404 if unknown or another owner's, 410 once expired."""
         try:
-            record = await self.backend.get_run(run_id)
+            with _backend_errors():
+                record = await self.backend.get_run(run_id)
         except base.RunNotFoundError as exc:
             raise _not_found("run", run_id) from exc
         except base.RunExpiredError as exc:
@@ -478,13 +521,15 @@ class RunManager:
     async def active_run(self, chat_id: str, owner: str | None) -> RunRecord | None:
         """The chat's running run, if any."""
         await self._chat(chat_id, owner)
-        run_id = await self.backend.active_run(chat_id)
+        with _backend_errors():
+            run_id = await self.backend.active_run(chat_id)
         if run_id is None:
             return None
-        with contextlib.suppress(errors.ServiceError):
-            record = await self.get_run(run_id, owner)
-            return record if record.status == "running" else None
-        return None
+        try:
+            record = await self.get_run(run_id, owner)  # a run whose owner is gone is finished here
+        except (errors.NotFoundError, errors.RunExpiredError):
+            return None
+        return record if record.status == "running" else None
 
     async def cancel(self, run_id: str, owner: str | None, reason: str = "cancelled by the client") -> RunRecord:
         """Stop the run and return the record it ends with (idempotent: a finished run is returned as it is).
@@ -496,7 +541,8 @@ class RunManager:
         record = await self.get_run(run_id, owner)
         if record.finished_at is not None:
             return record
-        await self.backend.request_cancel(run_id, reason)
+        with _backend_errors():
+            await self.backend.request_cancel(run_id, reason)
         with contextlib.suppress(TimeoutError, base.CursorError):
             async with asyncio.timeout(CANCEL_WAIT_S):
                 await self._terminal(record)
@@ -532,7 +578,9 @@ class RunManager:
         return self._follow(record, after, snapshot)
 
     async def _follow(self, record: RunRecord, after: int, snapshot: bool) -> AsyncIterator[AnyEvent]:
-        await self.backend.attach(record.id)
+        """The run's events; raises ``errors.RunsUnavailableError`` once the backend is down past its bound."""
+        with _backend_errors():
+            await self.backend.attach(record.id)
         reader = Reader(record.id, asyncio.current_task())
         self._readers.add(reader)
         retries = _SNAPSHOT_RETRIES
@@ -559,6 +607,9 @@ class RunManager:
         except asyncio.CancelledError:
             if not reader.stopped_by_cancel():
                 raise
+        except base.BackendUnavailableError as exc:
+            log.warning("reader of run %s stopped: the run backend did not answer for %g s", record.id, self._outage_s)
+            raise _unavailable() from exc
         finally:
             self._readers.discard(reader)
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
@@ -591,3 +642,16 @@ class RunManager:
                 await self.backend.request_cancel(record.id, "the last reader disconnected")
         except Exception:
             log.exception("run %s: could not release a reader", record.id)
+
+
+def _unavailable() -> errors.RunsUnavailableError:
+    return errors.RunsUnavailableError("the run backend (Redis) does not answer; retry shortly")
+
+
+@contextlib.contextmanager
+def _backend_errors() -> Generator[None]:
+    """Turn a run backend outage into 503 ``runs_unavailable``."""
+    try:
+        yield
+    except base.BackendUnavailableError as exc:
+        raise _unavailable() from exc

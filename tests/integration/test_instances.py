@@ -24,6 +24,7 @@ from tests.integration.conftest import MODEL, TERMINAL, delete_prefix, text_of
 from tests.support.live_server import ServiceProcess
 from tests.support.sse import collect_events, iter_sse
 from tests.support.upstream import ScriptedUpstream, finish, gate, scripted_upstream, sleep, text
+from tests.support.wait import until
 
 pytestmark = [
     pytest.mark.redis,
@@ -223,3 +224,31 @@ async def test_a_chat_deleted_on_a_cannot_start_a_run_on_b_that_ran_it_before(cl
     assert again.json()["error"]["code"] == "not_found"
     assert (await cluster.b.get(f"/v1/chats/{chat}")).status_code == 404
     assert (await cluster.a.get(f"/v1/chats/{chat}")).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["run", "active-run", "delete"])
+async def test_every_status_read_finishes_a_run_whose_owner_was_killed(cluster: Cluster, path: str) -> None:
+    """Issue 15 item 3: with nobody reading the run, GET run, active-run and DELETE of the chat on B
+    finish a kill -9'd owner's run as owner_lost (not running / 409 for ever)."""
+    async with ServiceProcess(cluster.env) as doomed, httpx.AsyncClient(base_url=doomed.url, timeout=20) as c:
+        chat = (await c.post("/v1/chats", json={"model": MODEL})).json()["id"]
+        cluster.upstream.enqueue(text("before the crash "), sleep(60), finish())
+        run = (await c.post(f"/v1/chats/{chat}/runs", json={"message": "crash"})).json()
+        while (await cluster.b.get(f"/v1/runs/{run['id']}")).json()["last_seq"] < 2:
+            await asyncio.sleep(0.02)
+        doomed.kill()
+
+    async def finished() -> bool:
+        match path:
+            case "run":
+                return (await cluster.b.get(f"/v1/runs/{run['id']}")).json()["status"] != "running"
+            case "active-run":
+                return (await cluster.b.get(f"/v1/chats/{chat}/active-run")).json() is None
+            case _:
+                return (await cluster.b.delete(f"/v1/chats/{chat}")).status_code != 409
+
+    await until(finished, timeout=20)  # the owner's liveness key expires after its TTL (5 s)
+    record = (await cluster.b.get(f"/v1/runs/{run['id']}")).json()
+    assert record["status"] == "failed"
+    _, events = await collect_events(cluster.b, "GET", run["events_url"], params={"after": record["last_seq"] - 1})
+    assert [e["error"]["code"] for e in events if e["type"] == "run.failed"] == ["owner_lost"]
