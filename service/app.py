@@ -74,7 +74,11 @@ def _run_backend(settings: Settings) -> RunBackend:
             max_events_per_run=settings.max_events_per_run,
             outage_s=settings.runs_outage_s,
         )
-    return MemoryRunBackend(retention_s=settings.run_retention_s, max_events_per_run=settings.max_events_per_run)
+    return MemoryRunBackend(
+        retention_s=settings.run_retention_s,
+        max_events_per_run=settings.max_events_per_run,
+        max_finished_bytes=settings.max_finished_run_bytes,
+    )
 
 
 def _mcp_hub(settings: Settings) -> McpHub | None:

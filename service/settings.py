@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """How long a finished run's events stay resumable."""
     max_events_per_run: int = 50_000
     """Events kept per run log; older ones are dropped past it."""
+    max_finished_run_bytes: int = 256 * 1024 * 1024
+    """Memory the memory backend's finished runs may hold; past it the oldest are dropped (410) early."""
     shutdown_grace_s: float = 10.0
     """On shutdown, how long running runs may finish before they are cancelled."""
     final_write_retry_s: float = 30.0
@@ -167,6 +169,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "run_retention_s",
             "runs_outage_s",
             "max_events_per_run",
+            "max_finished_run_bytes",
             "sse_ping_s",
             "sse_send_timeout_s",
             "ws_max_frame_bytes",

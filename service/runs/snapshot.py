@@ -7,7 +7,8 @@ and usage. :class:`SnapshotFold` builds the same from the events and renders it 
 earlier snapshot, so a backend keeps only a base (the memory backend: the events it dropped; Redis:
 one snapshot every half of the per-run cap) and a reader folds the kept events after it.
 
-Terminal events are never folded: they follow the snapshot, so a reader still ends on one.
+Terminal events are never folded: they follow the snapshot, so a reader still ends on one. Deltas
+are kept joined in blocks of :data:`BLOCK`, so a fold holds a long run's text, not one object per delta.
 """
 
 from __future__ import annotations
@@ -33,6 +34,28 @@ from service.events import (
     Usage,
 )
 
+BLOCK = 64
+"""Deltas joined into one string at a time (a memory backend's base folds every dropped event)."""
+
+
+class _Joined:
+    """Strings appended one by one and kept joined in blocks of :data:`BLOCK`."""
+
+    __slots__ = ("blocks", "recent")
+
+    def __init__(self, text: str = "") -> None:
+        self.blocks = [text] if text else []
+        self.recent: list[str] = []
+
+    def append(self, piece: str) -> None:
+        self.recent.append(piece)
+        if len(self.recent) >= BLOCK:
+            self.blocks.append("".join(self.recent))
+            self.recent = []
+
+    def value(self) -> str:
+        return "".join(self.blocks) + "".join(self.recent)
+
 
 class _Call:
     __slots__ = ("arguments", "done", "name", "parsed")
@@ -41,7 +64,7 @@ class _Call:
         self, name: str, arguments: str = "", parsed: dict[str, Any] | None = None, done: bool = False
     ) -> None:
         self.name = name
-        self.arguments = [arguments] if arguments else []
+        self.arguments = _Joined(arguments)
         self.parsed = parsed
         self.done = done
 
@@ -53,9 +76,9 @@ class SnapshotFold:
         self.chat_id = base.chat_id if base else None
         self.model = base.model if base else None
         self.created_at = base.created_at if base else None
-        self._text = [base.text] if base and base.text else []
-        self._reasoning = [base.reasoning] if base and base.reasoning else []
-        self._refusal = [base.refusal] if base and base.refusal else []
+        self._text = _Joined(base.text if base else "")
+        self._reasoning = _Joined(base.reasoning if base else "")
+        self._refusal = _Joined(base.refusal if base else "")
         self._calls: dict[str, _Call] = {}
         for call in base.tool_calls if base else ():
             self._calls[call.call_id] = _Call(call.name, call.arguments, call.parsed, call.done)
@@ -103,11 +126,11 @@ class SnapshotFold:
             chat_id=self.chat_id,
             model=self.model,
             created_at=self.created_at,
-            text="".join(self._text),
-            reasoning="".join(self._reasoning),
-            refusal="".join(self._refusal),
+            text=self._text.value(),
+            reasoning=self._reasoning.value(),
+            refusal=self._refusal.value(),
             tool_calls=[
-                SnapshotToolCall(call_id, call.name, "".join(call.arguments), call.parsed, call.done)
+                SnapshotToolCall(call_id, call.name, call.arguments.value(), call.parsed, call.done)
                 for call_id, call in self._calls.items()
             ],
             tool_results=list(self._results),

@@ -6,6 +6,12 @@ live service (``GET /v1/runs/{id}/events``). Memory per finished run: ``tracemal
 several finished runs for the memory backend, ``MEMORY USAGE`` of a run's keys for Redis.
 
     uv run python -m tests.bench.resume [--events 10000] [--redis-url redis://127.0.0.1:6379/0]
+
+``--finished-runs N`` measures instead what N finished runs of ``--events`` events leave in the memory
+backend's process (RSS growth and runs still kept), with no byte budget and with the default one
+(``SERVICE_MAX_FINISHED_RUN_BYTES``; decision 48)::
+
+    uv run python -m tests.bench.resume --finished-runs 10000 --events 1002
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import gc
 import json
 import os
+import sys
 import time
 import tracemalloc
 import uuid
@@ -30,7 +37,7 @@ import redis.asyncio
 
 from service.app import create_app
 from service.events import RunCompleted, RunStarted, TextDelta
-from service.runs.base import RunBackend, RunRecord
+from service.runs.base import RunBackend, RunExpiredError, RunRecord
 from service.runs.memory import MemoryRunBackend
 from service.settings import Settings
 from tests.support.live_server import serve
@@ -91,6 +98,38 @@ async def memory_per_run(events: int, runs: int = 5) -> float:
     return (after - before) / runs
 
 
+def rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def finished_runs_held(runs: int, events: int, budget: int | None) -> dict[str, Any]:
+    """RSS growth after ``runs`` finished runs of ``events`` events, with a byte ``budget`` (None: none)."""
+    backend = MemoryRunBackend(
+        retention_s=RETENTION_S,
+        max_events_per_run=events + 10,
+        max_finished_runs=max(runs, 10_000),
+        max_finished_bytes=budget if budget is not None else 1 << 62,
+    )
+    await backend.start(lambda run_id, reason: None)
+    gc.collect()
+    before = rss_bytes()
+    ids = [await write_run(backend, events) for _ in range(runs)]
+    gc.collect()
+    grown = rss_bytes() - before
+    kept = 0
+    for run_id in ids:
+        try:
+            await backend.get_run(run_id)
+            kept += 1
+        except RunExpiredError:
+            pass
+    estimated = backend.finished_bytes
+    await backend.close()
+    return {"budget": budget, "runs": runs, "events": events, "rss_growth": grown, "kept": kept, "estimated": estimated}
+
+
 async def redis_bytes(url: str, prefix: str, run_id: str) -> int:
     client = redis.asyncio.Redis.from_url(url)
     try:
@@ -140,7 +179,14 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--redis-url", default=os.environ.get("SERVICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--out", default="bench-results/resume.json")
+    parser.add_argument("--finished-runs", type=int, default=0, help="measure memory held by N finished runs")
+    parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args()
+    if args.finished_runs and args.budget is not None:
+        print(json.dumps(await finished_runs_held(args.finished_runs, args.events, args.budget or None)))
+        return None
+    if args.finished_runs:
+        return await bench_finished_runs(args.finished_runs, args.events)
     rows = []
     with TemporaryDirectory() as tmp:
         rows.append(await bench_backend("memory", {}, args.events, Path(tmp)))
@@ -164,6 +210,27 @@ async def main() -> None:
             f"{row['bytes_per_finished_run'] / 1024:>8,.0f}"
         )
     write_json(Path(args.out), rows)
+
+
+async def bench_finished_runs(runs: int, events: int) -> None:
+    """Print what ``runs`` finished runs hold without a byte budget and with the default one.
+
+    Each measurement runs in a process of its own, so that memory freed by one is not reused by the next.
+    """
+    default = msgspec.convert({}, Settings).max_finished_run_bytes
+    print(f"{'budget MB':>10} {'runs':>6} {'events':>7} {'RSS growth MB':>14} {'estimated MB':>13} {'kept':>6}")
+    for budget in (None, default):
+        command = [sys.executable, "-m", "tests.bench.resume", "--finished-runs", str(runs), "--events", str(events)]
+        child = await asyncio.create_subprocess_exec(
+            *command, "--budget", str(budget or 0), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await child.communicate()
+        row = json.loads(out.decode().strip().splitlines()[-1])
+        label = "none" if budget is None else f"{budget / 1e6:,.0f}"
+        print(
+            f"{label:>10} {runs:>6} {events:>7} {row['rss_growth'] / 1e6:>14,.0f} "
+            f"{row['estimated'] / 1e6:>13,.0f} {row['kept']:>6}"
+        )
 
 
 def write_json(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ from service.events import (
     ToolResult,
     Usage,
 )
-from service.runs.snapshot import SnapshotFold
+from service.runs.snapshot import BLOCK, SnapshotFold
 
 RUN = "r1"
 
@@ -96,3 +96,12 @@ def test_final_output_and_unknown_or_terminal_events() -> None:
 def test_the_empty_snapshot() -> None:
     snapshot = SnapshotFold().event(RUN, 0)
     assert (snapshot.seq, snapshot.chat_id, snapshot.text, snapshot.usage) == (0, None, "", None)
+
+
+def test_a_long_run_s_deltas_are_held_joined_in_blocks() -> None:
+    """A memory backend's base folds every dropped delta: it keeps the text, not one object per delta."""
+    deltas = [f"d{i} " for i in range(10 * BLOCK + 3)]
+    fold = folded([TextDelta(run_id=RUN, seq=i, delta=d) for i, d in enumerate(deltas, start=1)])
+    held = fold._text  # pyright: ignore[reportPrivateUsage]
+    assert (len(held.blocks), len(held.recent)) == (10, 3)
+    assert fold.event(RUN, len(deltas)).text == "".join(deltas)
