@@ -16,19 +16,16 @@ import contextlib
 import gc
 import json
 import logging
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio
 import websockets
 
 from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix, types
-from tests.support.live_server import free_port
+from tests.support.redis_server import RedisServer
 from tests.support.upstream import finish, gate, text
 
 DEEP = "[" * 1000 + "]" * 1000
@@ -260,46 +257,6 @@ async def test_a_websocket_cancel_is_acknowledged_also_to_a_socket_not_following
 # -- item 9: no handler dies silently --------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of this test's own, on a free port (so that stopping it troubles no other test)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is needed to stop a Redis under a live service")
-    port = free_port()
-    process = subprocess.Popen(  # noqa: ASYNC220, S603 - a fixed command; it only starts the server
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.asyncio.Redis.from_url(url)
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                with contextlib.suppress(redis.exceptions.ConnectionError):
-                    if await client.ping():  # pyright: ignore[reportUnknownMemberType]
-                        break
-                await asyncio.sleep(0.05)
-        yield url, process
-    finally:
-        await client.aclose()
-        if process.poll() is None:
-            process.terminate()
-        process.wait(timeout=10)
-
-
 class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -333,14 +290,13 @@ async def test_a_websocket_handler_that_fails_answers_an_error_frame_and_logs_it
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: unhandled.append(context))
     try:
-        async with own_redis(tmp_path) as (url, redis_process):
-            service = await make_service(redis_url=url, redis_prefix="t")
+        async with RedisServer(tmp_path) as redis_server:
+            service = await make_service(redis_url=redis_server.url, redis_prefix="t")
             chat = await service.create_chat()
             with recorded("service") as log:
                 async with websockets.connect(service.ws_url) as ws:
                     await still_open(ws)
-                    redis_process.terminate()
-                    redis_process.wait(timeout=10)
+                    await redis_server.stop()
                     for frame, ref in [
                         ({"type": "run.create", "client_ref": "c1", "chat_id": chat, "message": "hi"}, "c1"),
                         ({"type": "run.resume", "run_id": "r1"}, "r1"),
@@ -364,8 +320,11 @@ async def test_a_websocket_handler_that_fails_answers_an_error_frame_and_logs_it
 async def test_a_follower_whose_log_fails_mid_run_gets_an_error_frame(
     make_service: ServiceFactory, tmp_path: Path
 ) -> None:
-    async with own_redis(tmp_path) as (url, redis_process):
-        service = await make_service(redis_url=url, redis_prefix="t")
+    # the follower fails once Redis has been gone for runs_outage_s (2 s here, 30 s by default)
+    async with RedisServer(tmp_path) as redis_server:
+        service = await make_service(
+            redis_url=redis_server.url, redis_prefix="t", runs_outage_s=2
+        )  # fail fast, not in 30 s
         service.upstream.enqueue(text("partial"), gate(asyncio.Event()), finish())
         chat = await service.create_chat()
         async with websockets.connect(service.ws_url) as ws:
@@ -374,8 +333,7 @@ async def test_a_follower_whose_log_fails_mid_run_gets_an_error_frame(
             assert accepted["type"] == "run.accepted"
             seen = [json.loads(await ws.recv()) for _ in range(2)]
             assert types(seen) == ["run.started", "text.delta"]
-            redis_process.terminate()
-            redis_process.wait(timeout=10)
+            await redis_server.stop()
             async with asyncio.timeout(15):
                 error = json.loads(await ws.recv())
             assert (error["type"], error["ref"]) == ("error", accepted["run_id"]), error
