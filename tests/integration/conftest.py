@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,18 @@ async def make_service(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncItera
 @pytest.fixture
 async def service(make_service: ServiceFactory) -> Service:
     return await make_service()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.xdist_group("redis")])])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """Settings overrides that select the run backend (a Redis prefix of its own, deleted afterwards)."""
+    if request.param == "memory":
+        yield {}
+        return
+    redis_url = request.getfixturevalue("redis_url")
+    prefix = f"test-{uuid.uuid4().hex}"
+    yield {"redis_url": redis_url, "redis_prefix": prefix}
+    await delete_prefix(redis_url, prefix)
 
 
 async def delete_prefix(redis_url: str, prefix: str) -> None:

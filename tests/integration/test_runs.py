@@ -8,30 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 import websockets
 
-from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix, text_of, types
+from tests.integration.conftest import TERMINAL, Service, ServiceFactory, text_of, types
 from tests.support.sse import collect_events, iter_sse
 from tests.support.upstream import finish, gate, sleep, text, ttft, usage
 from tests.support.wait import until
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.xdist_group("redis")])])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
-    """Settings overrides that select the run backend (a Redis prefix of its own, deleted afterwards)."""
-    if request.param == "memory":
-        yield {}
-        return
-    redis_url = request.getfixturevalue("redis_url")
-    prefix = f"test-{uuid.uuid4().hex}"
-    yield {"redis_url": redis_url, "redis_prefix": prefix}
-    await delete_prefix(redis_url, prefix)
 
 
 async def finished_run(service: Service, words: int) -> tuple[str, str, list[dict[str, Any]]]:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 import websockets
 
-from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix, text_of
+from tests.integration.conftest import TERMINAL, Service, ServiceFactory, text_of
 from tests.support.sse import collect_events, iter_sse
 from tests.support.upstream import finish, gate, reasoning, text, tool_call, usage
 from tests.support.wait import until
@@ -29,18 +26,6 @@ WORDS = 300
 BEFORE_TAIL = 1 + 3 + WORDS
 """Events logged before the held tail: ``run.started``, three reasoning deltas, the text deltas."""
 ANSWER = " ".join(f"w{i}" for i in range(WORDS))
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.xdist_group("redis")])])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
-    """Settings overrides that select the run backend (a Redis prefix of its own, deleted afterwards)."""
-    if request.param == "memory":
-        yield {}
-        return
-    redis_url = request.getfixturevalue("redis_url")
-    prefix = f"test-{uuid.uuid4().hex}"
-    yield {"redis_url": redis_url, "redis_prefix": prefix}
-    await delete_prefix(redis_url, prefix)
 
 
 async def read_sse(

@@ -16,31 +16,18 @@ import contextlib
 import gc
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
-from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix, types
+from tests.integration.conftest import TERMINAL, Service, ServiceFactory, types
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import finish, gate, text
 
 DEEP = "[" * 1000 + "]" * 1000
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, pytest.mark.xdist_group("redis")])])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
-    """Settings overrides that select the run backend (a Redis prefix of its own, deleted afterwards)."""
-    if request.param == "memory":
-        yield {}
-        return
-    redis_url = request.getfixturevalue("redis_url")
-    prefix = f"test-{uuid.uuid4().hex}"
-    yield {"redis_url": redis_url, "redis_prefix": prefix}
-    await delete_prefix(redis_url, prefix)
 
 
 def error_of(response: Any, status: int, code: str) -> dict[str, Any]:
