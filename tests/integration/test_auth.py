@@ -21,7 +21,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from service.security import STREAM_AUDIENCE
+from service.security import STREAM_AUDIENCE, Authenticator, Principal
 from service.settings import Settings, SettingsError
 from tests.integration.conftest import TERMINAL, Service, ServiceFactory, delete_prefix
 from tests.integration.test_persistence import fresh_database
@@ -332,7 +332,7 @@ async def test_a_stream_token_opens_only_its_own_runs_events(secured: Service, a
     _, run = await alice.finished_run()
     _, other = await alice.finished_run()
     minted = (await alice.http.post(f"/v1/runs/{run}/stream-token")).json()
-    assert minted["expires_at"] - time.time() <= 60
+    assert minted["expires_at"] - time.time() < 61  # the TTL, rounded up to whole seconds
 
     response, events = await collect_events(
         secured.http, "GET", f"/v1/runs/{run}/events", params={"token": minted["token"]}
@@ -390,3 +390,14 @@ async def test_the_development_token_command_mints_a_token_the_service_accepts(m
     service = await make_service(**jwt_settings(jwt_secret=SECRET))
     response = await service.http.post("/v1/chats", json={}, headers=bearer(minted.stdout.strip()))
     assert response.status_code == 201, response.text
+
+
+def test_a_stream_token_lives_its_whole_ttl() -> None:
+    """`exp` is whole seconds; rounded down, a 1 s token minted at x.9 would live 0.1 s."""
+    settings = Settings(auth="jwt", jwt_secret=SECRET, stream_token_ttl_s=1)
+    for _ in range(20):
+        minted_at = time.time()
+        token = Authenticator(settings).mint(Principal(subject="alice"), "ws")
+        claims = jwt.decode(token.token, options={"verify_signature": False})
+        assert minted_at + 1 <= claims["exp"] == token.expires_at < minted_at + 2
+        time.sleep(0.013)  # other fractions of a second
