@@ -231,7 +231,14 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 
 def _run_migrations(connection: Connection) -> None:
-    """Apply every alembic revision up to head on ``connection`` (inside its transaction)."""
+    """Apply every alembic revision up to head on ``connection`` (inside its transaction).
+
+    Workers and hosts that start together take turns: on PostgreSQL the first to take the advisory
+    lock migrates and the others, once it commits, find the schema at head (on SQLite the write
+    transaction's ``BEGIN IMMEDIATE`` does the same). Its key is not the in-memory runs' one
+    (``service/runs/solo.py``). Without it, four workers on a fresh database failed to start with a
+    duplicate key on ``pg_type`` (``tests/integration/test_fleet_start.py``).
+    """
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
     config = Config()
