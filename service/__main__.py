@@ -93,8 +93,9 @@ def _masked(url: str) -> str:
 
 
 def serve(settings: Settings) -> None:
-    """Start uvicorn with the service's protocol classes (printing where the demo page is)."""
-    print(f"Chat service: demo page at http://{settings.host}:{settings.port}/  (API docs at /schema)", flush=True)
+    """Start uvicorn with the service's protocol classes (printing where the demo page is, in the text format)."""
+    if settings.log_format == "text":  # a JSON log is read by a collector: no line but JSON objects
+        print(f"Chat service: demo page at http://{settings.host}:{settings.port}/  (API docs at /schema)", flush=True)
     uvicorn.run(
         "service.app:create_app",
         factory=True,

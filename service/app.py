@@ -39,6 +39,7 @@ from service.api.ws import chat_socket, create_ws_token
 from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
+from service.log_format import logging_plugins
 from service.logs import add_secrets, install_redaction
 from service.metrics import SKIP_HTTP_METRICS
 from service.openapi import OpenAPIJsonPlugin
@@ -249,6 +250,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             components=Components(security_schemes=SECURITY_SCHEMES),
         ),
         logging_config=LoggingConfig(root={"level": settings.log_level.upper(), "handlers": ["queue_listener"]}),
+        plugins=logging_plugins(settings.log_format, settings.log_level),
         request_max_body_size=2 * 1024 * 1024,
         before_request=require_json_body,
     )

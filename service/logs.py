@@ -1,4 +1,6 @@
-"""Keep secrets out of every log line: redaction at the making of each log record.
+"""Log lines: secrets kept out of every one, and the text or JSON format (``SERVICE_LOG_FORMAT``).
+
+Redaction happens at the making of each log record.
 
 Log lines come from the service, Litestar, uvicorn (its access log writes each request's path and
 query), httpx2 (``HTTP Request: POST <url>`` at INFO) and the MCP client, through handlers that
@@ -10,6 +12,11 @@ Redacted: credentials in URLs (``scheme://user:password@``), secret-looking quer
 (``token``, ``access_token``, ``api_key``, ``key``, ``sig``, ...), ``Bearer`` credentials, JWTs,
 ``sk-`` style API keys, and the exact values the service was configured with (upstream API keys,
 JWT and stream-token secrets, MCP header values, passwords in the database and Redis URLs).
+
+Lines about a run carry its fields: those logged inside the run's task through structlog's context
+variables (:func:`bind_run`), the others as ``extra`` (:func:`run_fields`). The JSON format
+(:mod:`service.log_format`) shows them; it redacts each line once more as a whole
+(:func:`redact_event`: extras, and tracebacks, which structlog renders from the exception itself).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
+
+import structlog
 
 MASK = "***"
 
@@ -140,3 +149,25 @@ def _url_password(value: str) -> str | None:
         return urlsplit(value).password
     except ValueError:
         return None
+
+
+def run_fields(run_id: str, chat_id: str, model: str, subject: str | None) -> dict[str, str]:
+    """The fields of every log line about a run (``subject`` empty with auth off)."""
+    return {"run_id": run_id, "chat_id": chat_id, "model": model, "subject": subject or ""}
+
+
+def bind_run(run_id: str, chat_id: str, model: str, subject: str | None) -> None:
+    """Give every line logged from now on in this task (and the tasks it starts) the run's fields.
+
+    Call it first thing in the run's own task: a task runs in a copy of its creator's context, so
+    the binding ends with the run.
+    """
+    structlog.contextvars.bind_contextvars(**run_fields(run_id, chat_id, model, subject))
+
+
+def redact_event(_: object, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: every string value of the line redacted."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact(value)
+    return event

@@ -22,6 +22,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     port: int = msgspec.field(default=8000)
     """Port ``python -m service`` binds to (0 picks a free one)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: every log line one JSON object (for a log collector); ``text`` is for a terminal."""
 
     database_url: str = "sqlite+aiosqlite:///service.db"
     """Chat store URL; a ``postgresql+asyncpg://`` URL switches to PostgreSQL."""

@@ -26,6 +26,7 @@ from typing import Literal
 import msgspec
 
 from service.events import AnyEvent, RunSnapshot
+from service.logs import run_fields
 
 RunStatus = Literal["running", "completed", "cancelled", "failed"]
 OnDisconnect = Literal["continue", "cancel"]
@@ -49,6 +50,11 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: float | None = None
     last_seq: int = 0
     message_id: str | None = None
+
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """The fields of a log line about this run (:func:`service.logs.run_fields`)."""
+        return run_fields(self.id, self.chat_id, self.model, self.subject)
 
 
 class RunNotFoundError(Exception):

@@ -50,6 +50,7 @@ from service.engine.engine import ChatEngine, RunRequest, ToolRunner
 from service.engine.providers import DEMO_MODEL
 from service.events import AnyEvent, ErrorCode, ErrorInfo, RunCancelled, RunCompleted, RunFailed, is_terminal
 from service.ids import new_id
+from service.logs import bind_run
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
 from service.runs.memory import terminal_status
@@ -74,6 +75,14 @@ _BACKEND_STOPS: dict[str, tuple[ErrorCode, str]] = {
 """Cancel reasons of the run backend's own; such a run ends (and is stored) as failed with that code."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
+
+
+@dataclass
+class RunClock:
+    """When a run started and when its first output came (event loop time), for the line its end logs."""
+
+    started: float
+    first_output: float | None = None
 
 
 class ToolSource(Protocol):
@@ -342,8 +351,9 @@ class RunManager:
 
     async def _drive(self, request: RunRequest, transcript: Transcript) -> None:
         run_id = request.run_id
+        bind_run(run_id, request.chat_id, request.model, transcript.owner)
         loop = asyncio.get_running_loop()
-        started, events = loop.time(), 0
+        clock, events = RunClock(loop.time()), 0
         terminal: AnyEvent | None = None
         metrics.ACTIVE_RUNS.inc()
         try:
@@ -355,7 +365,8 @@ class RunManager:
                             terminal = event  # written by _end, once the engine has closed its upstream
                             continue
                         if events == 2:  # the first event after run.started is the model's first output
-                            metrics.TIME_TO_FIRST_EVENT.observe(loop.time() - started)
+                            clock.first_output = loop.time()
+                            metrics.TIME_TO_FIRST_EVENT.observe(clock.first_output - clock.started)
                         transcript.add(event)
                         await self._append(run_id, event)
             except asyncio.CancelledError:
@@ -363,7 +374,7 @@ class RunManager:
                 stopped: AnyEvent = RunCancelled(run_id=run_id, reason=reason, message_id=request.message_id)
                 if reason in _BACKEND_STOPS:  # the backend stopped the run: its answer is stored as failed
                     stopped = RunFailed(run_id=run_id, error=ErrorInfo(*_BACKEND_STOPS[reason]))
-                await self._end(transcript, terminal or stopped)
+                await self._end(transcript, terminal or stopped, clock)
                 raise
             except base.BackendUnavailableError:
                 log.warning("run %s: the run backend did not answer for %g s; the run fails", run_id, self._outage_s)
@@ -378,6 +389,7 @@ class RunManager:
                 or RunFailed(
                     run_id=run_id, error=ErrorInfo("internal", "an internal error stopped the run"), message_id=None
                 ),
+                clock,
             )
         finally:
             self._tasks.pop(run_id, None)
@@ -386,7 +398,7 @@ class RunManager:
             metrics.ACTIVE_RUNS.dec()
             metrics.RUN_EVENTS.inc(events)
 
-    async def _end(self, transcript: Transcript, terminal: AnyEvent) -> None:
+    async def _end(self, transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
         """Store the answer, then append the terminal event: in a task of its own, which no cancel reaches.
 
         From here on a cancel of the run finds nothing to stop (``_on_cancel``, the drain), and one that
@@ -395,16 +407,18 @@ class RunManager:
         answer a second time, hit the message's unique id and wrote no terminal event at all.)
         """
         self._ending.add(transcript.run_id)
-        ending = asyncio.create_task(self._write_end(transcript, terminal), name=f"end-{transcript.run_id}")
+        ending = asyncio.create_task(self._write_end(transcript, terminal, clock), name=f"end-{transcript.run_id}")
         try:
             await asyncio.shield(ending)
         except asyncio.CancelledError:
             await ending
             raise
 
-    async def _write_end(self, transcript: Transcript, terminal: AnyEvent) -> None:
+    async def _write_end(self, transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
         try:
-            await self._append(transcript.run_id, await self._persist(transcript, terminal))
+            terminal = await self._persist(transcript, terminal)
+            _log_end(transcript, terminal, clock)
+            await self._append(transcript.run_id, terminal)
         except base.BackendUnavailableError:  # the backend keeps it and writes it once Redis is back
             log.warning("run %s: its terminal event waits for the run backend", transcript.run_id)
         except base.RunNotFoundError:
@@ -601,14 +615,19 @@ class RunManager:
                     if not retries:
                         raise
                     retries, snapshot = retries - 1, True
-                    log.info("reader of run %s gets a snapshot: %s", record.id, exc)
+                    log.info("reader of run %s gets a snapshot: %s", record.id, exc, extra=record.log_fields)
         except (base.CursorError, base.RunExpiredError) as exc:
-            log.info("reader of run %s stopped: %s", record.id, exc)
+            log.info("reader of run %s stopped: %s", record.id, exc, extra=record.log_fields)
         except asyncio.CancelledError:
             if not reader.stopped_by_cancel():
                 raise
         except base.BackendUnavailableError as exc:
-            log.warning("reader of run %s stopped: the run backend did not answer for %g s", record.id, self._outage_s)
+            log.warning(
+                "reader of run %s stopped: the run backend did not answer for %g s",
+                record.id,
+                self._outage_s,
+                extra=record.log_fields,
+            )
             raise _unavailable() from exc
         finally:
             self._readers.discard(reader)
@@ -641,7 +660,22 @@ class RunManager:
             if remaining == 0 and record.on_disconnect == "cancel":
                 await self.backend.request_cancel(record.id, "the last reader disconnected")
         except Exception:
-            log.exception("run %s: could not release a reader", record.id)
+            log.exception("run %s: could not release a reader", record.id, extra=record.log_fields)
+
+
+def _log_end(transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
+    """The one line a run's end logs (at INFO): how it ended, how long it took, its tokens."""
+    usage = transcript.usage
+    fields: dict[str, object] = {
+        "status": terminal_status(terminal),
+        "error_code": terminal.error.code if isinstance(terminal, RunFailed) else None,
+        "duration_s": round(asyncio.get_running_loop().time() - clock.started, 4),
+        "ttft_s": None if clock.first_output is None else round(clock.first_output - clock.started, 4),
+        "prompt_tokens": None if usage is None else usage.prompt_tokens,
+        "completion_tokens": None if usage is None else usage.completion_tokens,
+    }
+    summary = " ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
+    log.info("run %s ended: %s", transcript.run_id, summary, extra=fields)
 
 
 def _unavailable() -> errors.RunsUnavailableError:

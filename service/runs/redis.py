@@ -706,7 +706,9 @@ class RedisRunBackend(RunBackend):
         )
         written = await self._finish(record.id, failed, only_if_owner_lost=owner)
         if written == 1:
-            log.warning("run %s: owner %s is gone; finished it as owner_lost", record.id, owner)
+            log.warning(
+                "run %s: owner %s is gone; finished it as owner_lost", record.id, owner, extra=record.log_fields
+            )
         return written == 1
 
     async def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:

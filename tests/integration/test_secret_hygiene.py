@@ -1,7 +1,7 @@
 """No secret reaches a client or a log line: upstream error text, MCP server URLs, tokens in query strings.
 
 The service runs as a real process at log level INFO (uvicorn's access log and httpx2's request lines
-on), with credentials in every place a deployment puts them: the upstream's API key, a password in
+on), in each log format, with credentials in every place a deployment puts them: the upstream's API key, a password in
 its base URL, an MCP server URL with a password and a token, bearer JWTs and stream tokens.
 """
 
@@ -34,8 +34,10 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
         yield scripted
 
 
-@pytest.fixture
-async def proc(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncIterator[ServiceProcess]:
+@pytest.fixture(params=["text", "json"])
+async def proc(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: ScriptedUpstream
+) -> AsyncIterator[ServiceProcess]:
     dead_mcp = f"http://bob:{MCP_PASSWORD}@127.0.0.1:{free_port()}/mcp?token={MCP_TOKEN}"
     mcp_file = write_mcp_config(tmp_path / "mcp.json", [McpServerConfig(name="docs", transport="http", url=dead_mcp)])
     env = {
@@ -46,6 +48,7 @@ async def proc(tmp_path: Path, upstream: ScriptedUpstream) -> AsyncIterator[Serv
         "SERVICE_UPSTREAM_MAX_RETRIES": "0",
         "SERVICE_MCP_SERVERS": str(mcp_file),
         "SERVICE_LOG_LEVEL": "info",
+        "SERVICE_LOG_FORMAT": request.param,
         "SERVICE_AUTH": "jwt",
         "SERVICE_JWT_SECRET": SECRET,
         "SERVICE_JWT_AUDIENCE": "chat-service-tests",
@@ -117,3 +120,5 @@ async def test_no_secret_reaches_a_client_or_a_log_line(proc: ServiceProcess, up
         "HTTP Request: POST http://***@127.0.0.1:",  # httpx2's INFO line
     )
     assert secrets_in(logs, bearer, token, stream_token) == [], logs
+    if proc.env["SERVICE_LOG_FORMAT"] == "json":
+        assert all(isinstance(json.loads(line), dict) for line in logs.splitlines()), logs

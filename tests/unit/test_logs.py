@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 
 import pytest
+import structlog
 from uvicorn.logging import AccessFormatter
 
 from service import logs
-from service.logs import add_secrets, install_redaction, redact
+from service.log_format import json_formatter
+from service.logs import add_secrets, bind_run, install_redaction, redact
 
 
 @pytest.mark.parametrize(
@@ -78,3 +82,42 @@ def test_tracebacks_are_redacted() -> None:
         )
     assert "https://***@host" in logging.Formatter().format(record)
     assert "pw@" not in logging.Formatter().format(record)
+
+
+def test_json_lines_are_redacted_whole_and_carry_the_run_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "_secrets", set())
+    monkeypatch.setattr(logs, "_secret_pattern", None)
+    install_redaction()
+    add_secrets(["configured-key-Hq27Xw"])
+
+    async def logged_in_a_run() -> str:  # a task of its own, as a run is
+        bind_run("r1", "c1", "openai/m", None)
+        try:
+            raise ValueError("upstream said configured-key-Hq27Xw is wrong")
+        except ValueError as exc:
+            record = logging.getLogger("t").makeRecord(
+                "t",
+                logging.WARNING,
+                __file__,
+                1,
+                "tool %s raised",
+                ("x",),
+                (type(exc), exc, exc.__traceback__),
+                extra={"detail": "sent Bearer abc.def"},
+            )
+        return json_formatter().format(record)
+
+    line = json.loads(asyncio.run(logged_in_a_run()))
+    assert "ValueError: upstream said *** is wrong" in line.pop("exception")
+    assert line.pop("timestamp")
+    assert line == {
+        "event": "tool x raised",
+        "run_id": "r1",
+        "chat_id": "c1",
+        "model": "openai/m",
+        "subject": "",
+        "detail": "sent Bearer ***",
+        "level": "warning",
+        "logger": "t",
+    }
+    assert structlog.contextvars.get_contextvars() == {}  # the binding ended with the run's task
