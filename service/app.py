@@ -33,6 +33,7 @@ from service.api.drain import DrainMiddleware, drain_on_exit_signal
 from service.api.error_map import EXCEPTION_HANDLERS
 from service.api.health import HealthController
 from service.api.hosts import HostMiddleware, allowed_hosts, require_json_body
+from service.api.http_metrics import StreamAwarePrometheusMiddleware
 from service.api.models import CatalogController
 from service.api.runs import RunController
 from service.api.ws import chat_socket, create_ws_token
@@ -41,7 +42,7 @@ from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
 from service.log_format import logging_plugins
 from service.logs import add_secrets, install_redaction
-from service.metrics import SKIP_HTTP_METRICS
+from service.metrics import SKIP_HTTP_METRICS, forget_dead_workers
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
 from service.runs.manager import RunLimits, RunManager
@@ -177,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncGenerator[None]:
+        forget_dead_workers()
         await store.start()
         if solo is not None:  # in-memory runs: no other process may serve this database
             try:
@@ -232,7 +234,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[
             DefineMiddleware(HostMiddleware, hosts=allowed_hosts(settings)),
             DefineMiddleware(DrainMiddleware, begin_drain=runs.begin_drain),
-            PrometheusConfig(app_name="chat_service", group_path=True, exclude_opt_key=SKIP_HTTP_METRICS).middleware,
+            PrometheusConfig(
+                app_name="chat_service",
+                group_path=True,
+                exclude_opt_key=SKIP_HTTP_METRICS,
+                middleware_class=StreamAwarePrometheusMiddleware,
+            ).middleware,
             AUTH_MIDDLEWARE,
             *_rate_limit(settings),
         ],

@@ -25,6 +25,7 @@ import msgspec
 import openai
 from openai import RequestOptions
 
+from service import metrics
 from service.engine.chunks import ChunkUsage, SseDataDecoder
 from service.engine.providers import ProviderRegistry
 from service.engine.state import TurnState, output_schema, usage_sum
@@ -114,6 +115,7 @@ class ChatEngine:
             except UPSTREAM_ERRORS as exc:
                 error = error_info(exc)
                 log.warning("run %s (%s): %s: %s", run_id, model_id, error.code, upstream_detail(exc))
+                metrics.UPSTREAM_ERRORS.labels(self.providers.metric_labels(model_id)[0], error.code).inc()
                 yield RunFailed(run_id=run_id, error=error, message_id=request.message_id)
                 return
             usage = usage_sum(usage, state.usage)

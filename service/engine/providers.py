@@ -37,6 +37,8 @@ class UnknownModelError(LookupError):
 
 DEMO_MODEL = "demo"
 """The model id of the built-in demo model (provider ``demo``)."""
+OTHER_LABEL = "other"
+"""The metrics' label value for a provider or model name that is not configured."""
 
 
 class ProviderConfigError(ValueError):
@@ -179,6 +181,21 @@ class ProviderRegistry:
         if provider is None or name == "demo" or not model or not provider.accepts(model):
             raise UnknownModelError(f"unknown model {model_id!r}; GET /v1/models lists the available ones")
         return model_id, provider.client, model
+
+    def metric_labels(self, model_id: str | None) -> tuple[str, str]:
+        """``(provider, model)`` labels of a model id: configured names only, anything else ``other``.
+
+        Bounds the metrics' label values: a provider that accepts any model name (no ``models``
+        list) counts them all as ``provider/other``, and an unknown provider as ``other/other``.
+        """
+        model_id = model_id or self.default_model
+        if model_id == DEMO_MODEL:
+            return DEMO_MODEL, DEMO_MODEL
+        name, _, model = model_id.partition("/")
+        provider = self._providers.get(name)
+        if provider is None or name == DEMO_MODEL:
+            return OTHER_LABEL, OTHER_LABEL
+        return name, model if model in provider.config.models else OTHER_LABEL
 
     def model_ids(self) -> list[tuple[str, str]]:
         """``(model id, provider)`` pairs for ``GET /v1/models``; a provider with no list shows ``name/*``."""

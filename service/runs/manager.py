@@ -57,7 +57,7 @@ from service.runs.memory import terminal_status
 from service.runs.readers import Reader
 from service.runs.snapshot import SnapshotFold
 from service.runs.transcript import Transcript, openai_history, recent
-from service.store.base import Chat, ChatStore, Message, StoreUnavailableError
+from service.store.base import Chat, ChatStore, Message, StoreUnavailableError, UsageRecord
 
 log = logging.getLogger("service.runs")
 
@@ -249,9 +249,10 @@ class RunManager:
             await self._check_budget(owner)
         limit = self.limits.max_active_runs if owner is not None else 0
         try:
-            record, created = await self.backend.create_run(
-                record, idempotency_key=key, request_hash=request_hash(options) if key else "", max_active=limit
-            )
+            with _RUN_LOG_CREATE.time():
+                record, created = await self.backend.create_run(
+                    record, idempotency_key=key, request_hash=request_hash(options) if key else "", max_active=limit
+                )
         except base.IdempotencyKeyReusedError as exc:
             raise errors.IdempotencyKeyReusedError(
                 "this Idempotency-Key was already used for a different request; use a new key for a new request",
@@ -355,6 +356,8 @@ class RunManager:
         loop = asyncio.get_running_loop()
         clock, events = RunClock(loop.time()), 0
         terminal: AnyEvent | None = None
+        labels = self.engine.providers.metric_labels(request.model)
+        first_output = metrics.TIME_TO_FIRST_EVENT.labels(*labels)
         metrics.ACTIVE_RUNS.inc()
         try:
             try:
@@ -366,7 +369,7 @@ class RunManager:
                             continue
                         if events == 2:  # the first event after run.started is the model's first output
                             clock.first_output = loop.time()
-                            metrics.TIME_TO_FIRST_EVENT.observe(clock.first_output - clock.started)
+                            first_output.observe(clock.first_output - clock.started)
                         transcript.add(event)
                         await self._append(run_id, event)
             except asyncio.CancelledError:
@@ -397,6 +400,7 @@ class RunManager:
             self._ending.discard(run_id)
             metrics.ACTIVE_RUNS.dec()
             metrics.RUN_EVENTS.inc(events)
+            _count_run(labels, loop.time() - clock.started, transcript.usage)
 
     async def _end(self, transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
         """Store the answer, then append the terminal event: in a task of its own, which no cancel reaches.
@@ -418,7 +422,8 @@ class RunManager:
         try:
             terminal = await self._persist(transcript, terminal)
             _log_end(transcript, terminal, clock)
-            await self._append(transcript.run_id, terminal)
+            with _RUN_LOG_APPEND.time():
+                await self._append(transcript.run_id, terminal)
         except base.BackendUnavailableError:  # the backend keeps it and writes it once Redis is back
             log.warning("run %s: its terminal event waits for the run backend", transcript.run_id)
         except base.RunNotFoundError:
@@ -518,7 +523,7 @@ class RunManager:
     async def get_run(self, run_id: str, owner: str | None) -> RunRecord:
         """The owner's run; 404 if unknown or another owner's, 410 once expired."""
         try:
-            with _backend_errors():
+            with _backend_errors(), _RUN_LOG_READ.time():
                 record = await self.backend.get_run(run_id)
         except base.RunNotFoundError as exc:
             raise _not_found("run", run_id) from exc
@@ -676,6 +681,19 @@ def _log_end(transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> Non
     }
     summary = " ".join(f"{name}={value}" for name, value in fields.items() if value is not None)
     log.info("run %s ended: %s", transcript.run_id, summary, extra=fields)
+
+
+_RUN_LOG_CREATE = metrics.RUN_LOG_SECONDS.labels("create")
+_RUN_LOG_APPEND = metrics.RUN_LOG_SECONDS.labels("append")
+_RUN_LOG_READ = metrics.RUN_LOG_SECONDS.labels("read")
+
+
+def _count_run(labels: tuple[str, str], seconds: float, usage: UsageRecord | None) -> None:
+    """A run's duration and tokens, by ``(provider, model)`` (once per run: see ``service.metrics``)."""
+    metrics.RUN_SECONDS.labels(*labels).observe(seconds)
+    if usage is not None:
+        metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
 
 
 def _unavailable() -> errors.RunsUnavailableError:

@@ -64,6 +64,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from service import metrics
 from service.store.base import Chat, ChatPage, ChatStore, Message, StoreUnavailableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -73,6 +74,7 @@ _T = TypeVar("_T", Chat, Message)
 _R = TypeVar("_R")
 _WRITE = "chat_store_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 _MIGRATION_LOCK = 0x63686174  # pg_advisory_xact_lock key: one migrator at a time
+_timed = metrics.timed(metrics.STORE_SECONDS)  # each public call's latency, labelled with its name
 _ALEMBIC_LOCK = threading.Lock()
 """alembic's ``context`` is a module global: one upgrade at a time in this process."""
 
@@ -409,6 +411,7 @@ class SqlChatStore(ChatStore):
             threads, self._threads = self._threads, None
             threads.shutdown(wait=False)
 
+    @_timed
     async def ping(self) -> bool:
         """Whether ``SELECT 1`` succeeds; never raises."""
         try:
@@ -417,6 +420,7 @@ class SqlChatStore(ChatStore):
             return False
         return True
 
+    @_timed
     async def create_chat(self, chat: Chat) -> Chat:
         """Store a new chat, stamping ``created_at``/``updated_at`` when they are unset (0).
 
@@ -429,11 +433,13 @@ class SqlChatStore(ChatStore):
         await self._write(lambda conn: conn.execute(chats_table.insert().values(row)))
         return chat
 
+    @_timed
     async def get_chat(self, chat_id: str) -> Chat | None:
         """The chat, or None."""
         row = await self._read(lambda conn: conn.execute(_GET_CHAT, {"chat_id": chat_id}).mappings().first())
         return None if row is None else _from_row(row, Chat)
 
+    @_timed
     async def list_chats(self, *, limit: int, cursor: str | None, owner: str | None = None) -> ChatPage:
         """Chats newest first by ``(created_at, id)``, ``limit`` at a time.
 
@@ -454,12 +460,14 @@ class SqlChatStore(ChatStore):
         items = [_from_row(row, Chat) for row in rows[:limit]]
         return ChatPage(items=items, next_cursor=_encode_cursor(items[-1]) if len(rows) > limit else None)
 
+    @_timed
     async def delete_chat(self, chat_id: str) -> bool:
         """Delete the chat; its messages go with it (``ON DELETE CASCADE``)."""
         statement = chats_table.delete().where(chats_table.c.id == chat_id)
         deleted = await self._write(lambda conn: conn.execute(statement).rowcount)
         return deleted > 0
 
+    @_timed
     async def append_messages(self, chat_id: str, messages: list[Message], *, idempotent: bool = False) -> None:
         """Append ``messages`` after the chat's last one, in one transaction; bumps ``updated_at``.
 
@@ -475,6 +483,7 @@ class SqlChatStore(ChatStore):
         else:
             await self._write(functools.partial(_append, chat_id, messages, time.time()))
 
+    @_timed
     async def append_and_list(self, chat_id: str, messages: list[Message]) -> list[Message]:
         """``append_messages``, then the chat's messages, oldest first, in one transaction (one round trip)."""
         now = time.time()
@@ -486,6 +495,7 @@ class SqlChatStore(ChatStore):
         rows = await self._write(append_and_list)
         return [_from_row(row, Message) for row in rows]
 
+    @_timed
     async def list_messages(self, chat_id: str) -> list[Message]:
         """The chat's messages, oldest first (empty for an unknown chat)."""
         rows = await self._read(lambda conn: conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).mappings().all())
