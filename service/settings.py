@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -211,6 +212,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "the upstream's models (provider/model), or set SERVICE_DEMO=true"
             )
         self._check_auth()
+        self._check_extras()
 
     def secrets(self) -> list[str | None]:
         """Configured values that must never reach a log line (of the URLs, their passwords)."""
@@ -253,6 +255,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "SERVICE_AUTH=jwt with SERVICE_REDIS_URL needs SERVICE_STREAM_TOKEN_SECRET (shared by the instances)"
             )
 
+    def _check_extras(self) -> None:
+        """A setting that needs an optional package names the extra that installs it."""
+        needs = (
+            (self.redis_url, "SERVICE_REDIS_URL", "redis", "redis"),
+            (self.database_url.startswith("postgresql"), "a PostgreSQL SERVICE_DATABASE_URL", "asyncpg", "postgres"),
+            (self.mcp_servers, "SERVICE_MCP_SERVERS", "mcp", "mcp"),
+        )
+        for configured, setting, module, extra in needs:
+            if configured and not _installed(module):
+                raise SettingsError(
+                    f"{setting} needs the {module} package, which is not installed: pip install 'chat-service[{extra}]'"
+                )
+
     @property
     def algorithm(self) -> str:
         """The JWT algorithm in force."""
@@ -266,6 +281,14 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
+        return False
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
         return False
 
 
