@@ -41,11 +41,34 @@ class Event(msgspec.Struct, tag_field="type", kw_only=True, frozen=True, gc=Fals
 
 
 class RunStarted(Event, tag="run.started", frozen=True):
-    """The run began; ``model`` is the resolved model id."""
+    """The run began; ``model`` is the resolved model id, ``message_id`` the id its answer will be stored under."""
 
     chat_id: str
     model: str
     created_at: float
+    message_id: str | None = None
+
+
+class StepStarted(Event, tag="step.started", frozen=True):
+    """A step of the tool loop began: one request to the model (``step`` counts them from 1).
+
+    A run has one step per model turn: the first answers the user; each later one answers the
+    results of the tools the step before it called.
+    """
+
+    step: int
+
+
+class StepDone(Event, tag="step.done", frozen=True):
+    """The model's turn of this step ended, with its ``finish_reason`` (``tool_calls``: results follow).
+
+    It follows the step's closing events (``text.done``, ``tool_call.done`` …); the ``tool.result``
+    events of the step's calls come after it, before the next ``step.started``. A step cut short
+    (a failure, a cancel) has no ``step.done``.
+    """
+
+    step: int
+    finish_reason: str
 
 
 class TextDelta(Event, tag="text.delta", frozen=True):
@@ -64,6 +87,12 @@ class ReasoningDelta(Event, tag="reasoning.delta", frozen=True):
     """A piece of reasoning, when the upstream sends it."""
 
     delta: str
+
+
+class ReasoningDone(Event, tag="reasoning.done", frozen=True):
+    """The full reasoning of this model turn (sent when the turn had any)."""
+
+    text: str
 
 
 class ToolCallStarted(Event, tag="tool_call.started", frozen=True):
@@ -171,12 +200,14 @@ class RunSnapshot(Event, tag="run.snapshot", frozen=True):
     reconnect resumes after ``seq`` as after any event. ``text``, ``reasoning`` and ``refusal`` are the
     run's deltas concatenated (over all its model turns); ``tool_calls`` are in the order they started,
     ``tool_results`` in the order they came; ``output`` is the latest structured output (final once
-    ``output_done``); ``usage`` the latest usage. A client replaces what it had built with this.
+    ``output_done``); ``usage`` the latest usage; ``chat_id``, ``model``, ``created_at`` and ``message_id``
+    are what ``run.started`` said. A client replaces what it had built with this.
     """
 
     chat_id: str | None = None
     model: str | None = None
     created_at: float | None = None
+    message_id: str | None = None
     text: str = ""
     reasoning: str = ""
     refusal: str = ""
@@ -217,9 +248,12 @@ class RunFailed(Event, tag="run.failed", frozen=True):
 
 AnyEvent = (
     RunStarted
+    | StepStarted
+    | StepDone
     | TextDelta
     | TextDone
     | ReasoningDelta
+    | ReasoningDone
     | ToolCallStarted
     | ToolCallDelta
     | ToolCallDone

@@ -1,9 +1,11 @@
 """``ChatEngine.run``: the single source of events for both transports.
 
-One run is a loop of model turns: stream a completion from the upstream
+One run is a loop of model turns (steps): stream a completion from the upstream
 (through the openai SDK's raw streaming response, decoded with msgspec),
 turn its chunks into events, and when the model asks for tools, run them,
-emit their results, send them back and stream the next turn. The run ends
+emit their results, send them back and stream the next turn. Each turn is
+framed by ``step.started`` and ``step.done``; the tool results of a turn
+follow its ``step.done``. The run ends
 with exactly one terminal event: ``run.completed`` or ``run.failed``.
 Cancellation (``asyncio.CancelledError``) propagates: leaving the
 ``async with`` closes the upstream HTTP response, which the upstream sees as
@@ -37,6 +39,8 @@ from service.events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepDone,
+    StepStarted,
     ToolCallDone,
     ToolResult,
     Usage,
@@ -95,10 +99,17 @@ class ChatEngine:
         """Stream the events of one run, ending with ``run.completed`` or ``run.failed``."""
         run_id = request.run_id
         model_id, client, upstream_model = self.providers.resolve(request.model)
-        yield RunStarted(run_id=run_id, chat_id=request.chat_id, model=model_id, created_at=time.time())
+        yield RunStarted(
+            run_id=run_id,
+            chat_id=request.chat_id,
+            model=model_id,
+            created_at=time.time(),
+            message_id=request.message_id,
+        )
         messages = list(request.messages)
         usage = None
         for turn in range(self.max_tool_rounds + 1):
+            yield StepStarted(run_id=run_id, step=turn + 1)
             state = TurnState(run_id, output_schema=output_schema(request.response_format), turn=turn)
             try:
                 # The turn's stream is read here, not in a helper generator: a layer fewer per token.
@@ -120,6 +131,7 @@ class ChatEngine:
                 return
             usage = usage_sum(usage, state.usage)
             ending = _ending(request, state, usage)
+            closing.append(StepDone(run_id=run_id, step=turn + 1, finish_reason=state.finish_reason or "stop"))
             for event in closing if ending is None else [*closing, *ending]:
                 yield event
             if ending is not None:

@@ -1,7 +1,7 @@
 """The pure state machine of one model turn: chunks in, events out, no I/O.
 
 ``TurnState.handle(chunk)`` returns the events a chunk produces;
-``TurnState.finish()`` returns the closing events of the turn (``text.done``,
+``TurnState.finish()`` returns the closing events of the turn (``reasoning.done``, ``text.done``,
 ``refusal.done``, ``output.done``, ``tool_call.done``) once the stream ended.
 """
 
@@ -19,6 +19,7 @@ from service.events import (
     OutputDone,
     OutputPartial,
     ReasoningDelta,
+    ReasoningDone,
     RefusalDelta,
     RefusalDone,
     TextDelta,
@@ -154,6 +155,8 @@ class TurnState:
         if self.finish_reason is None:
             raise UpstreamStreamEndedError("the upstream stream ended before the completion finished")
         events: list[AnyEvent] = []
+        if self.reasoning:
+            events.append(ReasoningDone(run_id=self.run_id, text="".join(self.reasoning)))
         if self.text:
             events.append(TextDone(run_id=self.run_id, text="".join(self.text)))
         if self.refusal:

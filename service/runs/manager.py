@@ -367,7 +367,7 @@ class RunManager:
                         if is_terminal(event):
                             terminal = event  # written by _end, once the engine has closed its upstream
                             continue
-                        if events == 2:  # the first event after run.started is the model's first output
+                        if events == 3:  # after run.started and step.started: the model's first output
                             clock.first_output = loop.time()
                             first_output.observe(clock.first_output - clock.started)
                         transcript.add(event)

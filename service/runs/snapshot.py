@@ -2,7 +2,8 @@
 
 A client that reads a run's events from seq 1 concatenates the text, reasoning and refusal deltas,
 collects tool calls (with their arguments so far) and results, keeps the latest structured output
-and usage. :class:`SnapshotFold` builds the same from the events and renders it as a
+and usage (``*.done`` events and the step boundaries add nothing the deltas did not say).
+:class:`SnapshotFold` builds the same from the events and renders it as a
 :class:`~service.events.RunSnapshot` at the seq of the last event it took; it can start from an
 earlier snapshot, so a backend keeps only a base (the memory backend: the events it dropped; Redis:
 one snapshot every half of the per-run cap) and a reader folds the kept events after it.
@@ -76,6 +77,7 @@ class SnapshotFold:
         self.chat_id = base.chat_id if base else None
         self.model = base.model if base else None
         self.created_at = base.created_at if base else None
+        self.message_id = base.message_id if base else None
         self._text = _Joined(base.text if base else "")
         self._reasoning = _Joined(base.reasoning if base else "")
         self._refusal = _Joined(base.refusal if base else "")
@@ -115,6 +117,7 @@ class SnapshotFold:
                 self._usage = TokenUsage(event.prompt_tokens, event.completion_tokens, event.total_tokens)
             case RunStarted():
                 self.chat_id, self.model, self.created_at = event.chat_id, event.model, event.created_at
+                self.message_id = event.message_id
             case _:
                 pass
 
@@ -126,6 +129,7 @@ class SnapshotFold:
             chat_id=self.chat_id,
             model=self.model,
             created_at=self.created_at,
+            message_id=self.message_id,
             text=self._text.value(),
             reasoning=self._reasoning.value(),
             refusal=self._refusal.value(),

@@ -180,7 +180,8 @@ export class RunView {
         break;
       default:
         if (event.type in TERMINAL_STATUS) this.finish(TERMINAL_STATUS[event.type]);
-      // text.done, run.started and types this page does not know: nothing to draw
+      // run.started, step.started/step.done, text.done, reasoning.done (the deltas drew it all) and
+      // types this page does not know: nothing to draw
     }
     return true;
   }

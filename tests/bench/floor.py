@@ -1,7 +1,7 @@
 """Target (a), the floor: a bare ASGI app that emits pre-encoded events, no framework, no upstream.
 
-It streams the same event shapes as the service (``run.started``, ``text.delta`` per token,
-``text.done``, ``usage``, ``run.completed``), paced like the fake upstream (first delta at
+It streams the same event shapes as the service (``run.started``, ``step.started``, ``text.delta``
+per token, ``text.done``, ``step.done``, ``usage``, ``run.completed``), paced like the fake upstream (first delta at
 ``ttft_ms``, then one every ``delay_ms``), so its numbers are the cost of uvicorn itself.
 The stream shape comes from the query string: ``?tokens=50&delay_ms=50&ttft_ms=50``.
 
@@ -31,6 +31,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 RUN_ID = "run_floor"
+HEAD = 2
+"""Events before the first delta (``run.started``, ``step.started``)."""
 _ENC = msgspec.json.Encoder()
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -42,11 +44,18 @@ _SSE_HEADERS = [
 @functools.lru_cache(maxsize=32)
 def event_payloads(tokens: int) -> tuple[bytes, ...]:
     """The JSON of every event of a run of ``tokens`` deltas, in order (seq from 1)."""
-    started: dict[str, object] = {"type": "run.started", "chat_id": "chat_floor", "model": "floor", "created_at": 1.7e9}
-    events = [started]
+    started: dict[str, object] = {
+        "type": "run.started",
+        "chat_id": "chat_floor",
+        "model": "floor",
+        "created_at": 1.7e9,
+        "message_id": "msg_floor",
+    }
+    events: list[dict[str, object]] = [started, {"type": "step.started", "step": 1}]
     events += [{"type": "text.delta", "delta": token_text(i)} for i in range(tokens)]
     events += [
         {"type": "text.done", "text": expected_text(tokens)},
+        {"type": "step.done", "step": 1, "finish_reason": "stop"},
         {"type": "usage", "prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8},
         {"type": "run.completed", "finish_reason": "stop", "message_id": "msg_floor"},
     ]
@@ -72,16 +81,17 @@ def config_from(scope: Scope) -> StreamConfig:
 
 
 async def paced(frames: Sequence[Any], cfg: StreamConfig, emit: Callable[[Any], Awaitable[None]]) -> None:
-    """Emit ``run.started`` now, delta ``i`` at ``ttft + i * delay``, then the tail at once."""
+    """Emit ``run.started`` and ``step.started`` now, delta ``i`` at ``ttft + i * delay``, then the tail at once."""
     start = time.monotonic() + cfg.ttft_ms / 1000  # not loop.time(): uvloop caches it per iteration
     delay = cfg.delay_ms / 1000
-    await emit(frames[0])
+    for frame in frames[:HEAD]:
+        await emit(frame)
     for i in range(cfg.tokens):
         wait = start + i * delay - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        await emit(frames[1 + i])
-    for frame in frames[1 + cfg.tokens :]:
+        await emit(frames[HEAD + i])
+    for frame in frames[HEAD + cfg.tokens :]:
         await emit(frame)
 
 

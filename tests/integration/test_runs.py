@@ -36,7 +36,7 @@ async def test_every_cursor_of_a_finished_run_replays_exactly_the_rest(
 ) -> None:
     """R2: N = 500 events; for every k, Last-Event-ID k gives k+1..N then closes; k = N gives 204."""
     service = await make_service(**backend)
-    _, run_id, events = await finished_run(service, 496)
+    _, run_id, events = await finished_run(service, 494)
     n = len(events)
     assert n == 500
     limiter = asyncio.Semaphore(16)
@@ -86,7 +86,7 @@ async def test_a_reader_cut_at_every_point_resumes_gaplessly_over_sse_and_websoc
     response = await service.http.post(f"/v1/chats/{chat}/runs", json={"message": "go"})
     assert response.status_code == 202
     run = response.json()
-    expected_length = words + 4  # run.started, deltas, text.done, usage, run.completed
+    expected_length = words + 6  # run.started, step.started, deltas, text.done, step.done, usage, run.completed
 
     async def sse_reader(j: int) -> list[int]:
         seen: list[dict[str, Any]] = []

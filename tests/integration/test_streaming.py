@@ -46,11 +46,15 @@ async def test_text_streams_as_deltas_then_done_usage_and_completed(service: Ser
     events = await service.stream_run(chat, "Say hello")
 
     assert_gapless(events)
-    assert types(events)[0] == "run.started"
-    assert types(events)[1:4] == ["reasoning.delta"] * 3
+    assert types(events)[:2] == ["run.started", "step.started"]
+    assert events[0]["message_id"] == events[-1]["message_id"]  # the answer's id is known from the start
+    assert events[1]["step"] == 1
+    assert types(events)[2:5] == ["reasoning.delta"] * 3
     assert text_of(events) == "Hello, streaming world!"
-    assert types(events)[-3:] == ["text.done", "usage", "run.completed"]
-    assert events[-3]["text"] == "Hello, streaming world!"
+    assert types(events)[-5:] == ["reasoning.done", "text.done", "step.done", "usage", "run.completed"]
+    assert events[-5]["text"] == "Let me see."
+    assert events[-4]["text"] == "Hello, streaming world!"
+    assert (events[-3]["step"], events[-3]["finish_reason"]) == (1, "stop")
     assert events[-2] == {**events[-2], "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     sent = service.upstream.requests[0].body
     assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
@@ -110,8 +114,15 @@ async def test_refusal_streams_as_refusal_events(service: Service) -> None:
 
     events = await service.stream_run(chat, "Do something bad")
 
-    assert types(events) == ["run.started", *["refusal.delta"] * 4, "refusal.done", "run.completed"]
-    assert events[-2]["refusal"] == "I can't help with that."
+    assert types(events) == [
+        "run.started",
+        "step.started",
+        *["refusal.delta"] * 4,
+        "refusal.done",
+        "step.done",
+        "run.completed",
+    ]
+    assert events[-3]["refusal"] == "I can't help with that."
     assert (await stored_messages(service, chat))[-1]["refusal"] == "I can't help with that."
 
 
@@ -144,7 +155,7 @@ async def test_upstream_http_errors_fail_the_run_with_a_typed_code(service: Serv
 
     events = await service.stream_run(chat, "hi")
 
-    assert types(events) == ["run.started", "run.failed"]
+    assert types(events) == ["run.started", "step.started", "run.failed"]  # a failed step has no step.done
     assert events[-1]["error"]["code"] == code
     assert "test" not in events[-1]["error"]["message"]  # the API key never shows
 

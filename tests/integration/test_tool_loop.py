@@ -176,3 +176,32 @@ async def test_a_real_model_gets_only_the_tools_it_is_given(tool_service: Servic
     await service.stream_run(named, "hi")
     offered = [{t["function"]["name"] for t in r.body.get("tools", [])} for r in service.upstream.requests]
     assert offered == [set(), {"clock"}, {"calculator"}]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_each_upstream_call_is_a_step_and_tool_results_come_between_steps(
+    service: Service, transport: str
+) -> None:
+    service.upstream.enqueue(tool_call(0, "c1", "calculator", ['{"expression": ', '"6*7"}']), finish("tool_calls"))
+    service.upstream.enqueue(text("It is 42."), finish())
+    chat = await service.create_chat(tools=["calculator"])
+
+    events = await run_over(service, transport, chat, "calculate 6*7")
+
+    boundaries = [
+        (e["type"], e.get("step"), e.get("finish_reason"))
+        for e in events
+        if e["type"] in {"run.started", "step.started", "step.done", "tool.result", "run.completed"}
+    ]
+    assert boundaries == [
+        ("run.started", None, None),
+        ("step.started", 1, None),
+        ("step.done", 1, "tool_calls"),
+        ("tool.result", None, None),
+        ("step.started", 2, None),
+        ("step.done", 2, "stop"),
+        ("run.completed", None, "stop"),
+    ]
+    first_step = types(events)[types(events).index("step.started") : types(events).index("step.done")]
+    assert first_step[-1] == "tool_call.done"  # a step's closing events come before its step.done
+    assert events[0]["message_id"] == events[-1]["message_id"]

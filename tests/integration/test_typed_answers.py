@@ -318,8 +318,8 @@ async def test_a_follower_whose_log_fails_mid_run_gets_an_error_frame(
             frame = {"type": "run.create", "client_ref": "c1", "chat_id": chat, "message": "hi"}
             accepted = await answer(ws, frame)
             assert accepted["type"] == "run.accepted"
-            seen = [json.loads(await ws.recv()) for _ in range(2)]
-            assert types(seen) == ["run.started", "text.delta"]
+            seen = [json.loads(await ws.recv()) for _ in range(3)]
+            assert types(seen) == ["run.started", "step.started", "text.delta"]
             await redis_server.stop()
             async with asyncio.timeout(15):
                 error = json.loads(await ws.recv())

@@ -89,15 +89,15 @@ async def test_floor_streams_sse_and_ws_frames() -> None:
         response = await http.post(f"http://127.0.0.1:{port}/chat?{query}", json={"message": "hi"})
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws?{query}", compression=None) as ws:
             await ws.send(json.dumps({"type": "run.create", "client_ref": "c1", "chat_id": "", "message": "hi"}))
-            messages = [json.loads(await ws.recv()) for _ in range(TOKENS + 5)]
+            messages = [json.loads(await ws.recv()) for _ in range(TOKENS + 7)]
     assert response.headers["content-type"].startswith("text/event-stream")
     frames = _sse_frames(response.text)
-    assert [int(f["id"]) for f in frames] == list(range(1, TOKENS + 5))
+    assert [int(f["id"]) for f in frames] == list(range(1, TOKENS + 7))
     events = [json.loads(f["data"]) for f in frames]
     for stream in (events, messages[1:]):
-        assert [e["seq"] for e in stream] == list(range(1, TOKENS + 5))
-        assert [e["type"] for e in stream][:2] == ["run.started", "text.delta"]
-        assert [e["type"] for e in stream][-3:] == ["text.done", "usage", "run.completed"]
+        assert [e["seq"] for e in stream] == list(range(1, TOKENS + 7))
+        assert [e["type"] for e in stream][:3] == ["run.started", "step.started", "text.delta"]
+        assert [e["type"] for e in stream][-4:] == ["text.done", "step.done", "usage", "run.completed"]
         assert "".join(e["delta"] for e in stream if e["type"] == "text.delta") == expected_text(TOKENS)
     assert messages[0]["type"] == "run.accepted"
 

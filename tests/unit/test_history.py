@@ -11,8 +11,11 @@ import msgspec
 from service.events import (
     OutputDone,
     ReasoningDelta,
+    ReasoningDone,
     RefusalDelta,
     RunStarted,
+    StepDone,
+    StepStarted,
     TextDelta,
     TextDone,
     ToolCallDone,
@@ -82,11 +85,14 @@ def fields(message: Message) -> dict[str, Any]:
 def test_a_plain_answer_is_one_assistant_message_under_the_runs_message_id() -> None:
     folded = transcript(
         RunStarted(run_id=RUN, chat_id="c", model="m", created_at=1.0),  # events without content change nothing
+        StepStarted(run_id=RUN, step=1),
         ReasoningDelta(run_id=RUN, delta="hm "),
         ReasoningDelta(run_id=RUN, delta="ok"),
         TextDelta(run_id=RUN, delta="Hello"),
         TextDelta(run_id=RUN, delta=" there"),
+        ReasoningDone(run_id=RUN, text="hm ok"),
         TextDone(run_id=RUN, text="Hello there"),
+        StepDone(run_id=RUN, step=1, finish_reason="stop"),
         Usage(run_id=RUN, prompt_tokens=5, completion_tokens=2, total_tokens=7),
     )
     assert folded.usage == UsageRecord(5, 2, 7)
@@ -96,7 +102,7 @@ def test_a_plain_answer_is_one_assistant_message_under_the_runs_message_id() -> 
         "id": "final",
         "role": "assistant",
         "content": "Hello there",  # the deltas, not TextDone as well
-        "reasoning": "hm ok",
+        "reasoning": "hm ok",  # nor ReasoningDone
         "finish_reason": "stop",
         "usage": UsageRecord(5, 2, 7),
         "status": "completed",

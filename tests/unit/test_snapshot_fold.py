@@ -9,11 +9,14 @@ from service.events import (
     OutputDone,
     OutputPartial,
     ReasoningDelta,
+    ReasoningDone,
     RefusalDelta,
     RunCompleted,
     RunStarted,
     SnapshotToolCall,
     SnapshotToolResult,
+    StepDone,
+    StepStarted,
     TextDelta,
     TextDone,
     TokenUsage,
@@ -34,8 +37,10 @@ def stamped(events: list[AnyEvent]) -> list[AnyEvent]:
 
 EVENTS = stamped(
     [
-        RunStarted(run_id=RUN, chat_id="c1", model="m", created_at=1.5),
+        RunStarted(run_id=RUN, chat_id="c1", model="m", created_at=1.5, message_id="m1"),
+        StepStarted(run_id=RUN, step=1),
         ReasoningDelta(run_id=RUN, delta="hm"),
+        ReasoningDone(run_id=RUN, text="hm"),
         TextDelta(run_id=RUN, delta="Let me "),
         ToolCallStarted(run_id=RUN, call_id="a", name="add"),
         ToolCallDelta(run_id=RUN, call_id="a", arguments_delta='{"x": ', parsed=None),
@@ -43,7 +48,9 @@ EVENTS = stamped(
         ToolCallDelta(run_id=RUN, call_id="a", arguments_delta="1}", parsed={"x": 1}),
         ToolCallDelta(run_id=RUN, call_id="b", arguments_delta='{"t"', parsed=None),
         ToolCallDone(run_id=RUN, call_id="a", name="add", arguments='{"x": 1}', parsed={"x": 1}),
+        StepDone(run_id=RUN, step=1, finish_reason="tool_calls"),
         ToolResult(run_id=RUN, call_id="a", name="add", output="2"),
+        StepStarted(run_id=RUN, step=2),
         TextDelta(run_id=RUN, delta="check."),
         TextDone(run_id=RUN, text="check."),
         OutputPartial(run_id=RUN, partial={"n": 1}),
@@ -61,14 +68,9 @@ def folded(events: list[AnyEvent], base: SnapshotFold | None = None) -> Snapshot
 
 
 def test_the_fold_is_what_a_client_builds_from_the_events() -> None:
-    snapshot = folded(EVENTS).event(RUN, 15)
-    assert (snapshot.run_id, snapshot.seq, snapshot.chat_id, snapshot.model, snapshot.created_at) == (
-        RUN,
-        15,
-        "c1",
-        "m",
-        1.5,
-    )
+    snapshot = folded(EVENTS).event(RUN, len(EVENTS))
+    started = (snapshot.run_id, snapshot.seq, snapshot.chat_id, snapshot.model, snapshot.created_at)
+    assert (*started, snapshot.message_id) == (RUN, len(EVENTS), "c1", "m", 1.5, "m1")
     assert (snapshot.text, snapshot.reasoning, snapshot.refusal) == ("Let me check.", "hm", "no")
     assert snapshot.tool_calls == [
         SnapshotToolCall("a", "add", '{"x": 1}', {"x": 1}, done=True),
@@ -82,7 +84,8 @@ def test_the_fold_is_what_a_client_builds_from_the_events() -> None:
 def test_a_fold_started_from_a_snapshot_equals_the_fold_of_every_event() -> None:
     for cut in range(len(EVENTS) + 1):
         base = folded(EVENTS[:cut]).event(RUN, cut)
-        assert folded(EVENTS[cut:], SnapshotFold(base)).event(RUN, 15) == folded(EVENTS).event(RUN, 15), cut
+        whole = folded(EVENTS).event(RUN, len(EVENTS))
+        assert folded(EVENTS[cut:], SnapshotFold(base)).event(RUN, len(EVENTS)) == whole, cut
 
 
 def test_final_output_and_unknown_or_terminal_events() -> None:

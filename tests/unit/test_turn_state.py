@@ -21,6 +21,7 @@ from service.events import (
     OutputDone,
     OutputPartial,
     ReasoningDelta,
+    ReasoningDone,
     RefusalDelta,
     RefusalDone,
     TextDelta,
@@ -65,7 +66,7 @@ def test_reasoning_comes_under_either_field_name_and_never_joins_the_text() -> N
         ReasoningDelta(run_id=RUN, delta="more"),
         TextDelta(run_id=RUN, delta="ok"),
     ]
-    assert state.finish() == [TextDone(run_id=RUN, text="ok")]
+    assert state.finish() == [ReasoningDone(run_id=RUN, text="think more"), TextDone(run_id=RUN, text="ok")]
 
 
 def test_a_refusal_streams_and_ends_with_the_whole_refusal() -> None:
