@@ -245,7 +245,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         if not self.jwt_audience:
             raise SettingsError("SERVICE_AUTH=jwt needs SERVICE_JWT_AUDIENCE (the aud claim tokens must carry)")
-        symmetric = (self.jwt_algorithm or "HS256").startswith("HS")
+        symmetric = self.algorithm.startswith("HS")
         if symmetric != bool(self.jwt_secret):
             raise SettingsError(
                 "SERVICE_JWT_ALGORITHM: HS* algorithms go with SERVICE_JWT_SECRET, the others with a public key or JWKS"
