@@ -124,7 +124,6 @@ def test_jwt_with_redis_needs_a_stream_token_secret_shared_by_the_instances() ->
     assert Settings.from_env({**env, "SERVICE_STREAM_TOKEN_SECRET": "t" * 32}).stream_token_secret == "t" * 32
 
 
-
 @pytest.mark.parametrize("key", ["SERVICE_JWKS_URL", "SERVICE_JWT_PUBLIC_KEY"])
 def test_a_public_key_without_an_algorithm_means_rs256(key: str) -> None:
     env = {"SERVICE_AUTH": "jwt", "SERVICE_JWT_AUDIENCE": "a", key: "https://id.example.com/jwks.json"}
