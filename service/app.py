@@ -45,6 +45,7 @@ from service.logs import add_secrets, install_redaction
 from service.metrics import SKIP_HTTP_METRICS, forget_dead_workers
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
+from service.runs.journal import RunJournal
 from service.runs.manager import RunLimits, RunManager
 from service.runs.memory import MemoryRunBackend
 from service.runs.solo import SharedDatabaseError, SoloLock
@@ -170,6 +171,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             budget_window_s=settings.token_budget_window_s,
             max_history_chars=settings.max_history_chars,
         ),
+        # in-memory runs keep their records in the store, so a restart answers for them (decision 67)
+        journal=None if settings.redis_url else RunJournal(store, interval_s=settings.checkpoint_interval_s),
     )
     auth = Authenticator(settings)
     quiet_refused_handshakes()

@@ -22,6 +22,7 @@ ErrorCode = Literal[
     "invalid_output",
     "tool_rounds_exceeded",
     "owner_lost",
+    "interrupted",
     "store_unavailable",
     "runs_unavailable",
     "not_found",

@@ -59,6 +59,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """On shutdown, how long running runs may finish before they are cancelled."""
     final_write_retry_s: float = 30.0
     """How long the end of a run retries storing its answer while the store is down (then `store_unavailable`)."""
+    checkpoint_interval_s: float = 2.0
+    """In-memory runs: how often running runs' partial answers are written to the store (what a crash may lose)."""
 
     sse_ping_s: float = 15.0
     """Heartbeat comment interval on idle SSE streams."""
@@ -171,6 +173,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "upstream_timeout_s",
             "run_retention_s",
             "runs_outage_s",
+            "checkpoint_interval_s",
             "max_events_per_run",
             "max_finished_run_bytes",
             "sse_ping_s",

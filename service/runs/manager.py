@@ -53,11 +53,12 @@ from service.ids import new_id
 from service.logs import bind_run
 from service.runs import base
 from service.runs.base import OnDisconnect, RunBackend, RunRecord
+from service.runs.journal import RunJournal
 from service.runs.memory import terminal_status
 from service.runs.readers import Reader
 from service.runs.snapshot import SnapshotFold
 from service.runs.transcript import Transcript, openai_history, recent
-from service.store.base import Chat, ChatStore, Message, StoreUnavailableError, UsageRecord
+from service.store.base import Chat, ChatStore, Message, StoredRun, StoreUnavailableError, UsageRecord
 
 log = logging.getLogger("service.runs")
 
@@ -146,8 +147,10 @@ class RunManager:
         final_write_retry_s: float = 30.0,
         limits: RunLimits | None = None,
         outage_s: float = 30.0,
+        journal: RunJournal | None = None,
     ) -> None:
         self.engine = engine
+        self._journal = journal
         self._outage_s = outage_s
         self.limits = limits or RunLimits()
         self.backend = backend
@@ -169,14 +172,18 @@ class RunManager:
         self._drained: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the backend and listen for cancel requests."""
+        """Start the backend and listen for cancel requests; fail the runs a dead process left running."""
         await self.backend.start(self._on_cancel)
+        if self._journal is not None:
+            await self._journal.start()
 
     async def close(self) -> None:
         """Drain (if the server's shutdown did not begin it already), then stop the backend."""
         self.begin_drain()
         assert self._drained is not None  # noqa: S101 - begin_drain made it
         await self._drained
+        if self._journal is not None:
+            await self._journal.close()
         await self.backend.close()
 
     def begin_drain(self) -> None:
@@ -272,6 +279,8 @@ class RunManager:
         if not created:
             return record, False
         message_id = new_id()
+        transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id, owner=owner)
+        stored_run = self._journal.first_record(record, transcript) if self._journal is not None else None
         try:
             user = Message(
                 id=new_id(),
@@ -281,7 +290,7 @@ class RunManager:
                 run_id=record.id,
                 created_at=time.time(),
             )
-            stored = await self.store.append_and_list(chat.id, [user])
+            stored = await self.store.append_and_list(chat.id, [user], run=stored_run)
             history = openai_history(chat.system, recent(stored, self.limits.max_history_chars))
         except StoreUnavailableError:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
@@ -301,7 +310,8 @@ class RunManager:
             response_format=options.response_format or chat.response_format,
             toolbox=toolbox,
         )
-        transcript = Transcript(chat_id=chat.id, run_id=record.id, message_id=message_id, owner=owner)
+        if self._journal is not None:
+            self._journal.track(record, transcript)
         self._tasks[record.id] = asyncio.create_task(self._drive(request, transcript), name=f"run-{record.id}")
         return record, True
 
@@ -398,6 +408,8 @@ class RunManager:
             self._tasks.pop(run_id, None)
             self._cancel_reasons.pop(run_id, None)
             self._ending.discard(run_id)
+            if self._journal is not None:
+                self._journal.forget(run_id)
             metrics.ACTIVE_RUNS.dec()
             metrics.RUN_EVENTS.inc(events)
             _count_run(labels, loop.time() - clock.started, transcript.usage)
@@ -470,7 +482,8 @@ class RunManager:
                 messages = transcript.messages("failed", error.code)
             case _:
                 return terminal
-        if await self._store_answer(transcript, messages):
+        run = self._journal.ended(transcript.run_id, terminal) if self._journal is not None else None
+        if await self._store_answer(transcript, messages, run):
             terminal = msgspec.structs.replace(terminal, message_id=transcript.message_id)
         else:
             error = ErrorInfo("store_unavailable", "the answer could not be stored")
@@ -480,17 +493,18 @@ class RunManager:
             metrics.RUN_ERRORS.labels(terminal.error.code).inc()
         return terminal
 
-    async def _store_answer(self, transcript: Transcript, messages: list[Message]) -> bool:
+    async def _store_answer(self, transcript: Transcript, messages: list[Message], run: StoredRun | None) -> bool:
         """Append the run's messages, retrying while the store is down, for up to ``final_write_retry_s``.
 
         The append is idempotent, so a retry after a write whose answer was lost does not write twice.
-        False when the store stayed down (or the chat was deleted meanwhile).
+        ``run`` (the run's final record, with in-memory runs) goes in the same transaction. False when the
+        store stayed down (or the chat was deleted meanwhile).
         """
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + self._final_write_retry_s, _FIRST_RETRY_S
         while True:
             try:
-                await self.store.append_messages(transcript.chat_id, messages, idempotent=True)
+                await self.store.append_messages(transcript.chat_id, messages, idempotent=True, run=run)
                 return True
             except LookupError:
                 log.warning("run %s: its chat was deleted before the answer was stored", transcript.run_id)
@@ -520,19 +534,26 @@ class RunManager:
             self._cancel_reasons.setdefault(run_id, reason)
             task.cancel()
 
-    async def get_run(self, run_id: str, owner: str | None) -> RunRecord:
-        """The owner's run; 404 if unknown or another owner's, 410 once expired."""
+    async def get_run(self, run_id: str, owner: str | None, *, live: bool = False) -> RunRecord:
+        """The owner's run; 404 if unknown or another owner's, 410 once expired.
+
+        A run the backend does not know is answered from its stored record (in-memory runs: its process
+        died); with ``live`` (the caller wants its events) such a run answers 410.
+        """
         try:
             with _backend_errors(), _RUN_LOG_READ.time():
                 record = await self.backend.get_run(run_id)
         except base.RunNotFoundError as exc:
-            raise _not_found("run", run_id) from exc
+            stored = await self._journal.get(run_id) if self._journal is not None else None
+            if stored is None or stored.subject != owner:
+                raise _not_found("run", run_id) from exc
+            if live:
+                raise _expired(run_id) from exc
+            return stored
         except base.RunExpiredError as exc:
             if exc.subject != owner:
                 raise _not_found("run", run_id) from exc
-            raise errors.RunExpiredError(
-                "the run's events are past retention; its answer is in the chat", detail={"run_id": run_id}
-            ) from exc
+            raise _expired(run_id) from exc
         if record.subject != owner:
             raise _not_found("run", run_id)
         return record
@@ -586,7 +607,7 @@ class RunManager:
         the run so far comes first and then the events after it (decision 47). Raises 404/410 for
         unknown/expired runs and 400 ``invalid_cursor`` for a cursor past the log.
         """
-        record = await self.get_run(run_id, owner)
+        record = await self.get_run(run_id, owner, live=True)
         if after < 0 or after > record.last_seq:
             raise errors.InvalidCursorError(
                 f"cursor {after} is not a position in this run (0..{record.last_seq})",
@@ -694,6 +715,12 @@ def _count_run(labels: tuple[str, str], seconds: float, usage: UsageRecord | Non
     if usage is not None:
         metrics.TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
         metrics.TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
+
+
+def _expired(run_id: str) -> errors.RunExpiredError:
+    return errors.RunExpiredError(
+        "the run's events are past retention; its answer is in the chat", detail={"run_id": run_id}
+    )
 
 
 def _unavailable() -> errors.RunsUnavailableError:

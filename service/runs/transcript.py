@@ -41,6 +41,8 @@ class Transcript:
         self._calls: list[ToolCallRecord] = []
         self._output: Any = None
         self._usage: UsageRecord | None = None
+        self.seq = 0
+        """The seq of the last event taken (a run's events are numbered 1, 2, ... in the order taken)."""
 
     @property
     def usage(self) -> UsageRecord | None:
@@ -49,6 +51,7 @@ class Transcript:
 
     def add(self, event: AnyEvent) -> None:
         """Take one event into account."""
+        self.seq += 1
         match event:
             case TextDelta(delta=delta):
                 self._text.append(delta)
@@ -85,10 +88,10 @@ class Transcript:
         if not self._calls:
             return
         self._done.append(self._assistant(new_id(), "completed", "tool_calls", tool_calls=self._calls))
-        self._calls = []
+        self._text, self._reasoning, self._refusal, self._calls = [], [], [], []
 
     def _assistant(self, message_id: str, status: MessageStatus, finish_reason: str | None, **extra: Any) -> Message:
-        message = Message(
+        return Message(
             id=message_id,
             chat_id=self.chat_id,
             role="assistant",
@@ -101,11 +104,9 @@ class Transcript:
             created_at=time.time(),
             **extra,
         )
-        self._text, self._reasoning, self._refusal = [], [], []
-        return message
 
     def messages(self, status: MessageStatus, finish_reason: str | None) -> list[Message]:
-        """Everything to store for this run, ending with the final assistant message."""
+        """Everything to store for this run, ending with the final assistant message (the run so far, if it runs)."""
         final = self._assistant(
             self.message_id,
             status,

@@ -1,7 +1,11 @@
-"""The chat store contract: chats and their messages, whatever the database.
+"""The chat store contract: chats, their messages and run records, whatever the database.
 
 A run's messages (the assistant turns, tool calls and tool results) are written
 together, once, when the run ends: ``append_messages`` is all-or-nothing.
+
+With the in-memory run backend the store also keeps each run's record (:class:`StoredRun`), written
+with the run's first and last messages and checkpointed while it runs, so that a restart can
+still answer for the runs of a process that died (:mod:`service.runs.journal`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,26 @@ class Chat(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float = 0.0
 
 
+class StoredRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A run's record as the store keeps it.
+
+    ``partial`` (while the run runs) is what to store should the process die: the run's messages
+    so far, the last one ``failed`` with ``finish_reason`` ``interrupted``.
+    """
+
+    id: str
+    chat_id: str
+    model: str
+    message_id: str
+    subject: str | None = None
+    status: Literal["running", "completed", "cancelled", "failed"] = "running"
+    error_code: str | None = None
+    last_seq: int = 0
+    created_at: float = 0.0
+    finished_at: float | None = None
+    partial: list[Message] | None = None
+
+
 class ChatPage(msgspec.Struct, frozen=True):
     """One page of chats, newest first; ``next_cursor`` is None on the last page."""
 
@@ -117,21 +141,42 @@ class ChatStore(ABC):
         """Delete the chat and its messages; False when there was none."""
 
     @abstractmethod
-    async def append_messages(self, chat_id: str, messages: list[Message], *, idempotent: bool = False) -> None:
+    async def append_messages(
+        self, chat_id: str, messages: list[Message], *, idempotent: bool = False, run: StoredRun | None = None
+    ) -> None:
         """Append messages to a chat in one transaction (all or nothing).
 
         With ``idempotent``, messages whose first id is stored already were written by an earlier
         call (whose answer was lost: a cancel, a dropped connection) and are not written again.
+        ``run`` is written (inserted or replaced) in the same transaction.
         """
 
     @abstractmethod
     async def list_messages(self, chat_id: str) -> list[Message]:
         """The chat's messages, oldest first."""
 
-    async def append_and_list(self, chat_id: str, messages: list[Message]) -> list[Message]:
+    async def append_and_list(
+        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None
+    ) -> list[Message]:
         """Append ``messages`` like ``append_messages``, then return all the chat's messages, oldest first.
 
         The start of a run needs both; a store may do them in one round trip (this default makes two).
         """
-        await self.append_messages(chat_id, messages)
+        await self.append_messages(chat_id, messages, run=run)
         return await self.list_messages(chat_id)
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        """The run's record, or None."""
+
+    @abstractmethod
+    async def checkpoint_runs(self, runs: list[StoredRun]) -> None:
+        """Update the ``last_seq`` and ``partial`` of runs still ``running`` (a finished one is left as it is)."""
+
+    @abstractmethod
+    async def interrupt_runs(self, *, now: float) -> list[StoredRun]:
+        """Fail every ``running`` run (code ``interrupted``), storing its partial answer; returns them.
+
+        Only for a process that knows no other one serves these runs (the in-memory run backend
+        holds :class:`service.runs.solo.SoloLock`).
+        """

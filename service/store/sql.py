@@ -56,6 +56,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, RowMapping, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -65,12 +66,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from service import metrics
-from service.store.base import Chat, ChatPage, ChatStore, Message, StoreUnavailableError
+from service.store.base import Chat, ChatPage, ChatStore, Message, StoredRun, StoreUnavailableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite+aiosqlite:///service.db"
 
-_T = TypeVar("_T", Chat, Message)
+_T = TypeVar("_T", Chat, Message, StoredRun)
 _R = TypeVar("_R")
 _WRITE = "chat_store_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 _MIGRATION_LOCK = 0x63686174  # pg_advisory_xact_lock key: one migrator at a time
@@ -132,10 +133,30 @@ messages_table = sa.Table(
 )
 
 
+runs_table = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("chat_id", sa.String, sa.ForeignKey("chats.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("model", sa.String, nullable=False),
+    sa.Column("subject", sa.String),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("error_code", sa.String),
+    sa.Column("last_seq", sa.Integer, nullable=False),
+    sa.Column("message_id", sa.String, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double),
+    sa.Column("partial", _json()),
+    sa.Index("ix_runs_status", "status"),
+    sa.Index("ix_runs_chat_id", "chat_id"),
+)
+"""Run records of in-memory run backends (``service.runs.journal``)."""
+
+
 # --- Structs <-> rows -------------------------------------------------------------------------
 
 
-def _to_row(item: Chat | Message, **extra: object) -> dict[str, Any]:
+def _to_row(item: Chat | Message | StoredRun, **extra: object) -> dict[str, Any]:
     row: dict[str, Any] = msgspec.to_builtins(item)
     row.update(extra)
     return row
@@ -170,6 +191,14 @@ _LAST_POSITION = sa.select(sa.func.coalesce(sa.func.max(messages_table.c.positio
     messages_table.c.chat_id == sa.bindparam("chat_id")
 )
 """The position of the chat's last message, -1 if it has none."""
+_GET_RUN = runs_table.select().where(runs_table.c.id == sa.bindparam("run_id"))
+_RUNNING = runs_table.select().where(runs_table.c.status == "running")
+_CHECKPOINT_RUN = (
+    runs_table.update()
+    .where(runs_table.c.id == sa.bindparam("run_id"), runs_table.c.status == "running")
+    .values(last_seq=sa.bindparam("seq"), partial=sa.bindparam("partial_messages", type_=_json()))
+)
+"""A checkpoint never touches a finished run (one queued before the run's end may commit after it)."""
 _LIST_MESSAGES = (
     messages_table.select()
     .where(messages_table.c.chat_id == sa.bindparam("chat_id"))
@@ -468,28 +497,40 @@ class SqlChatStore(ChatStore):
         return deleted > 0
 
     @_timed
-    async def append_messages(self, chat_id: str, messages: list[Message], *, idempotent: bool = False) -> None:
+    async def append_messages(
+        self, chat_id: str, messages: list[Message], *, idempotent: bool = False, run: StoredRun | None = None
+    ) -> None:
         """Append ``messages`` after the chat's last one, in one transaction; bumps ``updated_at``.
 
         Messages with ``created_at`` unset (0) are stamped with the current time; each
-        message is stored under ``chat_id`` whatever its own ``chat_id`` field says.
+        message is stored under ``chat_id`` whatever its own ``chat_id`` field says. ``run``
+        is inserted or replaced in the same transaction.
 
         Raises:
             LookupError: There is no such chat (nothing is written).
             ValueError: A message id already exists (nothing is written), unless ``idempotent``.
         """
-        if idempotent and messages:
-            await self._write(functools.partial(_append_once, chat_id, messages, time.time()))
-        else:
-            await self._write(functools.partial(_append, chat_id, messages, time.time()))
+        append = _append_once if idempotent and messages else _append
+        now = time.time()
+
+        def append_messages(conn: Connection) -> None:
+            append(chat_id, messages, now, conn)
+            if run is not None:
+                _save_run(run, conn)
+
+        await self._write(append_messages)
 
     @_timed
-    async def append_and_list(self, chat_id: str, messages: list[Message]) -> list[Message]:
+    async def append_and_list(
+        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None
+    ) -> list[Message]:
         """``append_messages``, then the chat's messages, oldest first, in one transaction (one round trip)."""
         now = time.time()
 
         def append_and_list(conn: Connection) -> Sequence[RowMapping]:
             _append(chat_id, messages, now, conn)
+            if run is not None:
+                _save_run(run, conn)
             return conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).mappings().all()
 
         rows = await self._write(append_and_list)
@@ -500,6 +541,51 @@ class SqlChatStore(ChatStore):
         """The chat's messages, oldest first (empty for an unknown chat)."""
         rows = await self._read(lambda conn: conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).mappings().all())
         return [_from_row(row, Message) for row in rows]
+
+    @_timed
+    async def get_run(self, run_id: str) -> StoredRun | None:
+        """The run's record, or None."""
+        row = await self._read(lambda conn: conn.execute(_GET_RUN, {"run_id": run_id}).mappings().first())
+        return None if row is None else _from_row(row, StoredRun)
+
+    @_timed
+    async def checkpoint_runs(self, runs: list[StoredRun]) -> None:
+        """Update the ``last_seq`` and ``partial`` of those of ``runs`` still ``running``, in one transaction."""
+        if not runs:
+            return
+        params = [{"run_id": r.id, "seq": r.last_seq, "partial_messages": msgspec.to_builtins(r.partial)} for r in runs]
+        await self._write(lambda conn: conn.execute(_CHECKPOINT_RUN, params))
+
+    @_timed
+    async def interrupt_runs(self, *, now: float) -> list[StoredRun]:
+        """Fail every ``running`` run with ``interrupted``, appending its partial answer; one transaction."""
+
+        def interrupt(conn: Connection) -> list[StoredRun]:
+            interrupted: list[StoredRun] = []
+            for row in conn.execute(_RUNNING).mappings().all():
+                run = _from_row(row, StoredRun)
+                if run.partial:
+                    _append_once(run.chat_id, run.partial, now, conn)
+                run = msgspec.structs.replace(
+                    run, status="failed", error_code="interrupted", finished_at=now, partial=None
+                )
+                _save_run(run, conn)
+                interrupted.append(run)
+            return interrupted
+
+        return await self._write(interrupt)
+
+
+def _save_run(run: StoredRun, conn: Connection) -> None:
+    """Insert ``run``, or replace the record of that id."""
+    conn.execute(_upsert_run(conn.dialect.name), _to_row(run))
+
+
+@functools.cache
+def _upsert_run(dialect: str) -> sa.Insert:
+    insert = (postgresql_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert)(runs_table)
+    changed = {column.name: insert.excluded[column.name] for column in runs_table.columns if column.name != "id"}
+    return insert.on_conflict_do_update(index_elements=[runs_table.c.id], set_=changed)
 
 
 def _append_once(chat_id: str, messages: list[Message], now: float, conn: Connection) -> None:

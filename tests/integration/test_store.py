@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.store.base import Chat, Message, Role, StoreUnavailableError, ToolCallRecord, UsageRecord
+from service.store.base import Chat, Message, Role, StoredRun, StoreUnavailableError, ToolCallRecord, UsageRecord
 from service.store.sql import SqlChatStore
 
 POSTGRES = pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.xdist_group("postgres")])
@@ -462,6 +462,86 @@ async def test_messages_are_stored_under_the_chat_they_are_appended_to(store: Sq
     await store.append_messages("c", [Message(id="m", chat_id="elsewhere", role="user", content="x")])
 
     assert [m.chat_id for m in await store.list_messages("c")] == ["c"]
+
+
+# --- run records (in-memory runs' journal) ---------------------------------------------------------
+
+
+def run_record(chat_id: str, **fields: Any) -> StoredRun:
+    return StoredRun(id=uuid.uuid4().hex, chat_id=chat_id, model="demo", message_id=uuid.uuid4().hex, **fields)
+
+
+def partial(run: StoredRun, text: str) -> list[Message]:
+    answer = Message(id=run.message_id, chat_id=run.chat_id, role="assistant", content=text)
+    return [msgspec.structs.replace(answer, status="failed", finish_reason="interrupted", created_at=1.0)]
+
+
+async def test_a_run_record_is_written_with_the_messages_and_replaced_by_the_next(store: SqlChatStore) -> None:
+    await store.create_chat(chat("c"))
+    started = run_record("c", subject="alice", created_at=1.0)
+    started = msgspec.structs.replace(started, partial=partial(started, ""))
+    await store.append_and_list("c", [message("c")], run=started)
+    assert await store.get_run(started.id) == started
+
+    ended = msgspec.structs.replace(started, status="completed", last_seq=7, finished_at=2.0, partial=None)
+    await store.append_messages("c", [message("c", "answer", role="assistant")], idempotent=True, run=ended)
+    assert await store.get_run(started.id) == ended
+    assert await store.get_run("nope") is None
+
+
+async def test_a_run_record_is_not_written_when_its_messages_are_not(store: SqlChatStore) -> None:
+    run = run_record("missing")
+    with pytest.raises(LookupError):
+        await store.append_and_list("missing", [message("missing")], run=run)
+    assert await store.get_run(run.id) is None
+
+
+async def test_checkpoints_update_running_runs_only(store: SqlChatStore) -> None:
+    await store.create_chat(chat("c"))
+    running, finished = run_record("c"), run_record("c", status="completed", last_seq=3, finished_at=1.0)
+    await store.append_messages("c", [], run=running)
+    await store.append_messages("c", [], run=finished)
+    moved = msgspec.structs.replace(running, last_seq=5, partial=partial(running, "so far"))
+    late = msgspec.structs.replace(finished, last_seq=2, partial=partial(finished, "old"))  # queued before its end
+    await store.checkpoint_runs([moved, late])
+    assert await store.get_run(running.id) == moved
+    assert await store.get_run(finished.id) == finished
+
+
+async def test_interrupting_fails_the_running_runs_and_stores_their_partial_answers(store: SqlChatStore) -> None:
+    await store.create_chat(chat("c"))
+    await store.append_messages("c", [message("c", "question")])
+    running = run_record("c", created_at=1.0)
+    running = msgspec.structs.replace(running, last_seq=9, partial=partial(running, "half an ans"))
+    finished = run_record("c", status="cancelled", last_seq=4, finished_at=1.5)
+    await store.append_messages("c", [], run=running)
+    await store.append_messages("c", [], run=finished)
+
+    interrupted = await store.interrupt_runs(now=2.0)
+
+    expected = msgspec.structs.replace(
+        running, status="failed", error_code="interrupted", finished_at=2.0, partial=None
+    )
+    assert interrupted == [expected]
+    assert await store.get_run(running.id) == expected
+    assert await store.get_run(finished.id) == finished
+    answer = (await store.list_messages("c"))[-1]
+    assert (answer.id, answer.content, answer.status, answer.finish_reason) == (
+        running.message_id,
+        "half an ans",
+        "failed",
+        "interrupted",
+    )
+    assert await store.interrupt_runs(now=3.0) == []  # once
+    assert len(await store.list_messages("c")) == 2
+
+
+async def test_a_deleted_chat_takes_its_run_records_along(store: SqlChatStore) -> None:
+    await store.create_chat(chat("c"))
+    run = run_record("c")
+    await store.append_messages("c", [], run=run)
+    assert await store.delete_chat("c")
+    assert await store.get_run(run.id) is None
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
