@@ -9,9 +9,13 @@ mode and checks that every scrape, whichever worker answers it, holds both worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -24,6 +28,7 @@ from tests.integration.test_instances import instance_env
 from tests.support.live_server import ServiceProcess
 from tests.support.sse import iter_sse
 from tests.support.upstream import finish, gate, scripted_upstream, status, text, usage
+from tests.support.wait import until
 
 
 async def scrape(service: Service) -> dict[str, float]:
@@ -182,20 +187,46 @@ async def test_event_streams_are_counted_but_kept_out_of_the_http_duration_histo
         assert changed[http_key("litestar_request_duration_seconds_count", method, path, code)] == 1
 
 
-WORKERS = 2
-MAX_RUNS = 40
-"""Runs started, each on a new connection, until both workers have served some (the kernel picks the worker)."""
+RUNS_ON = (2, 3)
+"""Runs each worker serves (the scrapes must show their sum, 5, whichever worker answers)."""
 
 
-def runs_per_worker(directory: Path) -> dict[str, float]:
+def runs_per_worker(directory: Path) -> dict[int, float]:
     """Completed runs counted in each worker's own multiprocess file (``counter_<pid>.db``)."""
-    counted: dict[str, float] = {}
+    counted: dict[int, float] = {}
     for path in directory.glob("counter_*.db"):
         for metric in MultiProcessCollector.merge([str(path)]):
             for sample in metric.samples:
                 if sample.name == "chat_service_runs_finished_total" and sample.labels == {"status": "completed"}:
-                    counted[path.stem] = sample.value
-    return {pid: n for pid, n in counted.items() if n}
+                    counted[int(path.stem.removeprefix("counter_"))] = sample.value
+    return counted
+
+
+@contextlib.contextmanager
+def only(worker: int, workers: list[int]) -> Iterator[None]:
+    """Let ``worker`` alone accept connections: the other workers are stopped (SIGSTOP) meanwhile.
+
+    The kernel hands a new connection to whichever worker accepts first; left to itself, it gave all
+    of 40 runs to one worker on a loaded machine.
+    """
+    others = [pid for pid in workers if pid != worker]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def started_workers(process: ServiceProcess, count: int) -> list[int]:
+    """The pids of the ``count`` workers, once each has completed its start-up."""
+
+    async def all_started() -> bool:
+        return process.logs().count("Application startup complete.") >= count
+
+    await until(all_started, timeout=60)
+    return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", process.logs())]
 
 
 @pytest.mark.redis
@@ -207,32 +238,35 @@ async def test_two_workers_merged_metrics_count_every_run_whichever_worker_answe
     directory = tmp_path / "metrics"
     directory.mkdir()  # empty before the service starts, as the README says
     prefix = f"test-{uuid.uuid4().hex}"
+    runs = sum(RUNS_ON)
     async with scripted_upstream() as upstream:
         env = instance_env(tmp_path, upstream, redis_url, prefix) | {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
-        async with ServiceProcess(env, extra_args=["--workers", str(WORKERS)], startup_timeout=60) as process:
-            fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection, so any worker, per request
+        async with ServiceProcess(env, extra_args=["--workers", str(len(RUNS_ON))], startup_timeout=60) as process:
+            workers = await started_workers(process, len(RUNS_ON))
+            fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: never a stopped worker's
             async with httpx.AsyncClient(base_url=process.url, timeout=20, limits=fresh) as http:
-                runs = 0
-                while len(runs_per_worker(directory)) < WORKERS:
-                    assert runs < MAX_RUNS, f"{runs} runs all went to one worker: {runs_per_worker(directory)}"
-                    upstream.enqueue(text("hi"), finish(), usage(3, 2))
-                    chat = (await http.post("/v1/chats", json={"model": MODEL})).json()["id"]
-                    response = await http.post(
-                        f"/v1/chats/{chat}/runs", json={"message": "hi"}, headers={"accept": "text/event-stream"}
-                    )
-                    assert '"run.completed"' in response.text
-                    runs += 1
-                scrapes = [await scrape_url(http) for _ in range(8)]
+                for worker, count in zip(workers, RUNS_ON, strict=True):
+                    with only(worker, workers):
+                        for _ in range(count):
+                            upstream.enqueue(text("hi"), finish(), usage(3, 2))
+                            chat = (await http.post("/v1/chats", json={"model": MODEL})).json()["id"]
+                            response = await http.post(
+                                f"/v1/chats/{chat}/runs",
+                                json={"message": "hi"},
+                                headers={"accept": "text/event-stream"},
+                            )
+                            assert '"run.completed"' in response.text
+                assert runs_per_worker(directory) == dict(zip(workers, RUNS_ON, strict=True))
+                scrapes: list[dict[str, float]] = []
+                for worker in workers:
+                    with only(worker, workers):
+                        scrapes += [await scrape_url(http) for _ in range(3)]
         await delete_prefix(redis_url, prefix)
 
-    split = runs_per_worker(directory)
-    print(f"{runs} runs, per worker {split}")
-    assert sum(split.values()) == runs
+    prompt = key("chat_service_tokens_total", {"provider": "openai", "model": "other", "type": "prompt"})
     for samples in scrapes:
         assert samples["chat_service_runs_finished_total{status=completed}"] == runs
-        assert samples[
-            key("chat_service_tokens_total", {"provider": "openai", "model": "other", "type": "prompt"})
-        ] == (3 * runs)
+        assert samples[prompt] == 3 * runs
         assert samples["chat_service_run_duration_seconds_count{model=other,provider=openai}"] == runs
         assert samples["chat_service_active_runs{}"] == 0
         assert samples[http_key("litestar_requests_total", "POST", "/v1/chats", 201)] == runs
