@@ -21,7 +21,7 @@ from tests.support.sse import iter_sse
 pytestmark = pytest.mark.slow
 
 CHECKPOINT_S = 2.0  # the default, the loss window the docs promise
-SLACK_S = 0.5
+SLACK_S = 1.0  # the tick and its write, on a loaded machine
 
 
 def env_for(url: str) -> dict[str, str]:
