@@ -46,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Read timeout for upstream requests (the SDK's ``timeout``)."""
     upstream_max_retries: int = 2
     """Retries the SDK makes before a stream starts."""
+    models_cache_s: float = 300.0
+    """How long a provider's own model list (its ``GET /v1/models``) is kept for ``GET /v1/models``."""
     demo_token_delay_ms: float = 15.0
     """Pause between the demo model's chunks, so the demo looks like streaming."""
 
@@ -171,6 +173,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """Reject values that type-check but make no sense."""
         positive = (
             "upstream_timeout_s",
+            "models_cache_s",
             "run_retention_s",
             "runs_outage_s",
             "checkpoint_interval_s",
@@ -208,6 +211,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.rate_limit_per_minute < 0 or self.token_budget < 0:
             raise SettingsError(
                 "invalid setting: SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot be negative"
+            )
+        if self.default_model.endswith("/*"):
+            raise SettingsError(
+                f"invalid setting: SERVICE_DEFAULT_MODEL={self.default_model} is a wildcard, not a model: "
+                "name one of the provider's models (provider/model)"
             )
         if not self.demo_enabled and self.default_model == "demo":
             raise SettingsError(

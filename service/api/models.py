@@ -22,9 +22,11 @@ class CatalogController(Controller):
     async def list_models(self, providers: NamedDependency[ProviderRegistry]) -> ModelList:
         """Model ids usable in `model` fields: `demo` and `provider/model` for each configured upstream.
 
-        A provider configured without a model list accepts any model name (shown as `provider/*`).
+        A provider's models are the list it is configured with, else the provider's own model list
+        (kept for a few minutes). A provider whose list cannot be fetched is left out (and logged); a
+        provider without a configured list still accepts any model name in `model` fields.
         """
-        return ModelList(data=[ModelOut(id=m, provider=p) for m, p in providers.model_ids()])
+        return ModelList(data=[ModelOut(id=m, provider=p) for m, p in await providers.list_models()])
 
     @get("/tools", operation_id="ListTools")
     async def list_tools(self, tool_catalog: NamedDependency[ToolCatalog]) -> list[ToolSpec]:

@@ -10,12 +10,23 @@ Sources, merged in this order:
                                 "api_key_env": "LOCAL_KEY", "models": ["llama3"],
                                 "timeout_s": 30, "max_retries": 1}}}
 
+A provider's models (``GET /v1/models``) are its ``models`` list when the config has one; otherwise
+the provider's own ``GET /v1/models``, asked through its SDK client (its auth, base URL, timeout and
+retries) and kept for ``SERVICE_MODELS_CACHE_S``. Callers that arrive while a fetch is under way
+share it. A fetch that fails is logged and leaves the provider out of the list for at most
+``_FAILED_LIST_S`` (runs are unaffected: a provider without a ``models`` list routes any name).
+``provider/*`` is no model: it is never listed, and a chat or run naming it is refused.
+
 Keys stay inside ``AsyncOpenAI`` clients: nothing here renders them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
 import os
+import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -28,7 +39,10 @@ from openai._models import FinalRequestOptions
 
 from service.engine.demo import DemoTransport
 from service.engine.transport import UpstreamTransport
+from service.engine.upstream_errors import upstream_detail
 from service.settings import Settings
+
+log = logging.getLogger("service.engine")
 
 
 class UnknownModelError(LookupError):
@@ -39,6 +53,10 @@ DEMO_MODEL = "demo"
 """The model id of the built-in demo model (provider ``demo``)."""
 OTHER_LABEL = "other"
 """The metrics' label value for a provider or model name that is not configured."""
+WILDCARD = "*"
+"""Not a model name: what ``GET /v1/models`` once showed for a provider without a ``models`` list."""
+_FAILED_LIST_S = 30.0
+"""How long a provider whose model list could not be fetched stays out of the list (at most the cache time)."""
 
 
 class ProviderConfigError(ValueError):
@@ -128,16 +146,47 @@ class UpstreamClient(openai.AsyncOpenAI):
 
 
 class Provider:
-    """A configured upstream and its SDK client."""
+    """A configured upstream, its SDK client, and its model list (see the module docstring)."""
 
-    def __init__(self, name: str, config: ProviderConfig, client: openai.AsyncOpenAI) -> None:
+    def __init__(self, name: str, config: ProviderConfig, client: openai.AsyncOpenAI, *, cache_s: float) -> None:
         self.name = name
         self.config = config
         self.client = client
+        self._cache_s = cache_s
+        self._listed: list[str] = []
+        self._listed_until = -math.inf
+        self._listing: asyncio.Task[None] | None = None
 
     def accepts(self, model: str) -> bool:
         """Whether this provider serves ``model``."""
         return not self.config.models or model in self.config.models
+
+    async def models(self) -> list[str]:
+        """The models this provider serves: its configured list, else its own (cached) answer."""
+        if self.config.models:
+            return self.config.models
+        if time.monotonic() >= self._listed_until:
+            if self._listing is None:
+                self._listing = asyncio.create_task(self._fetch_models(), name=f"list-models-{self.name}")
+            await asyncio.shield(self._listing)  # a caller that goes away does not cancel the others' fetch
+        return self._listed
+
+    async def _fetch_models(self) -> None:
+        try:
+            listed = [model.id async for model in self.client.models.list()]
+            self._listed = [m for m in dict.fromkeys(listed) if m and m != WILDCARD]
+            self._listed_until = time.monotonic() + self._cache_s
+        except Exception as exc:  # whatever the upstream did, the list goes on without it
+            wait = min(_FAILED_LIST_S, self._cache_s)
+            log.warning(
+                "provider %s: could not list its models (%s); left out of GET /v1/models for %g s",
+                self.name,
+                upstream_detail(exc),
+                wait,
+            )
+            self._listed, self._listed_until = [], time.monotonic() + wait
+        finally:
+            self._listing = None
 
 
 class ProviderRegistry:
@@ -153,7 +202,8 @@ class ProviderRegistry:
                 max_retries=0,
                 http_client=httpx2.AsyncClient(transport=DemoTransport(settings.demo_token_delay_ms / 1000)),
             )
-            self._providers["demo"] = Provider("demo", ProviderConfig(base_url="demo", models=["demo"]), demo)
+            demo_config = ProviderConfig(base_url="demo", models=[DEMO_MODEL])
+            self._providers["demo"] = Provider("demo", demo_config, demo, cache_s=settings.models_cache_s)
         configs: dict[str, ProviderConfig] = {}
         if settings.openai_base_url:
             configs["openai"] = ProviderConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key)
@@ -169,7 +219,7 @@ class ProviderRegistry:
                 max_retries=config.max_retries if config.max_retries is not None else settings.upstream_max_retries,
                 http_client=_http_client(),
             )
-            self._providers[name] = Provider(name, config, client)
+            self._providers[name] = Provider(name, config, client, cache_s=settings.models_cache_s)
 
     def resolve(self, model_id: str | None) -> tuple[str, openai.AsyncOpenAI, str]:
         """``(model id, client, upstream model name)`` for a model id; raises ``UnknownModelError``."""
@@ -177,6 +227,10 @@ class ProviderRegistry:
         if model_id == "demo" and "demo" in self._providers:
             return model_id, self._providers["demo"].client, "demo"
         name, _, model = model_id.partition("/")
+        if model == WILDCARD:
+            raise UnknownModelError(
+                f"{model_id!r} is a wildcard, not a model: name one of the models GET /v1/models lists"
+            )
         provider = self._providers.get(name)
         if provider is None or name == "demo" or not model or not provider.accepts(model):
             raise UnknownModelError(f"unknown model {model_id!r}; GET /v1/models lists the available ones")
@@ -197,15 +251,15 @@ class ProviderRegistry:
             return OTHER_LABEL, OTHER_LABEL
         return name, model if model in provider.config.models else OTHER_LABEL
 
-    def model_ids(self) -> list[tuple[str, str]]:
-        """``(model id, provider)`` pairs for ``GET /v1/models``; a provider with no list shows ``name/*``."""
-        listed: list[tuple[str, str]] = [("demo", "demo")] if "demo" in self._providers else []
-        for provider in self._providers.values():
-            if provider.name == "demo":
-                continue
-            models = provider.config.models or ["*"]
-            listed += [(f"{provider.name}/{m}", provider.name) for m in models]
-        return listed
+    async def list_models(self) -> list[tuple[str, str]]:
+        """``(model id, provider)`` pairs for ``GET /v1/models``, each provider's fetched concurrently."""
+        providers = list(self._providers.values())
+        lists = await asyncio.gather(*(provider.models() for provider in providers))
+        return [
+            (model if provider.name == DEMO_MODEL else f"{provider.name}/{model}", provider.name)
+            for provider, models in zip(providers, lists, strict=True)
+            for model in models
+        ]
 
     def secrets(self) -> list[str]:
         """The upstreams' API keys and base URLs (for their passwords), to be kept out of log lines."""

@@ -120,7 +120,10 @@ async def test_two_providers_are_each_reached_by_their_model_id_and_keys_never_s
             unknown = await client.post("/v1/chats", json={"model": "alpha/m9"})
             logs = service.logs()
 
-    assert {m["id"] for m in models["data"]} == {"alpha/m1", "beta/*"}  # no demo once upstreams are configured
+    # alpha's configured list, beta's own (no demo once upstreams are configured)
+    assert {m["id"] for m in models["data"]} == {"alpha/m1", "beta/m2"}
+    assert (alpha.model_requests, len(beta.model_requests)) == ([], 1)
+    assert beta.model_requests[0].headers["authorization"] == "Bearer sk-beta-secret"
     assert alpha.requests[0].body["model"] == "m1"
     assert alpha.requests[0].headers["authorization"] == "Bearer sk-alpha-secret"
     assert beta.requests[0].body["model"] == "anything"

@@ -12,11 +12,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import pytest
 import websockets
 
 from tests.integration.conftest import TERMINAL, Service, ServiceFactory, types
+from tests.support.log_records import recorded
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import finish, gate, text
 
@@ -242,31 +240,6 @@ async def test_a_websocket_cancel_is_acknowledged_also_to_a_socket_not_following
 
 
 # -- item 9: no handler dies silently --------------------------------------------------------------
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def messages(self) -> list[str]:
-        return [record.getMessage() for record in self.records]
-
-
-@contextlib.contextmanager
-def recorded(*names: str) -> Iterator[Records]:
-    handler = Records()
-    loggers = [logging.getLogger(name) for name in names]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 async def test_a_websocket_handler_that_fails_answers_an_error_frame_and_logs_it(

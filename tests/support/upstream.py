@@ -19,6 +19,10 @@ when the queue is empty). A script is a list of steps, built with the functions 
 (``data: {chunk}``), then ``data: [DONE]``; other requests get one ``chat.completion`` built from
 the same script. Response headers go out before the first step that is not ``ttft``/``status``.
 
+``GET /v1/models`` lists ``upstream.models``; each such request is recorded in
+``upstream.model_requests``. While ``upstream.model_list_gate`` is set (an ``asyncio.Event``) the
+answer waits for it; ``upstream.model_list_error = status(503)`` answers with that error instead.
+
 Every chat request is recorded in ``upstream.requests`` (:class:`RecordedRequest`): body,
 headers, times, and whether the client went away before the script ended. A task waits on ASGI
 ``receive()`` for ``http.disconnect`` while the script plays, so a script blocked on a gate still
@@ -370,6 +374,10 @@ async def _read_body(receive: Receive) -> bytes:
     return body
 
 
+def _headers(scope: dict[str, Any]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -380,6 +388,9 @@ class ScriptedUpstream:
 
     def __init__(self, models: Sequence[str] = ("scripted",)) -> None:
         self.models = list(models)
+        self.model_requests: list[RecordedRequest] = []
+        self.model_list_gate: asyncio.Event | None = None
+        self.model_list_error: Status | None = None
         self.requests: list[RecordedRequest] = []
         self.url = self.base_url = ""  # set by scripted_upstream(): "http://127.0.0.1:PORT[/v1]"
         self._scripts: deque[list[Step]] = deque()
@@ -392,9 +403,7 @@ class ScriptedUpstream:
 
     async def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Wait until at least ``n`` chat requests arrived; return all recorded so far."""
-        async with asyncio.timeout(timeout), self._arrived:
-            await self._arrived.wait_for(lambda: len(self.requests) >= n)
-        return list(self.requests)
+        return await self._wait_for(self.requests, n, timeout)
 
     def abort_all(self) -> None:
         """Stop every script still playing (their connections are dropped)."""
@@ -408,17 +417,36 @@ class ScriptedUpstream:
             return await send({"type": "lifespan.shutdown.complete"})
         route = (scope["method"], scope["path"].removesuffix("/"))
         if route == ("GET", "/v1/models"):
-            data = [{"id": name, "object": "model", "created": 0, "owned_by": "scripted"} for name in self.models]
-            return await _respond(send, 200, {"object": "list", "data": data})
+            return await self._list_models(scope, send)
         if route == ("POST", "/v1/chat/completions"):
             return await self._chat(scope, receive, send)
         error = {"message": f"no route {route}", "type": "invalid_request_error", "param": None, "code": None}
         return await _respond(send, 404, {"error": error})
 
+    async def _list_models(self, scope: dict[str, Any], send: Send) -> None:
+        async with self._arrived:
+            self.model_requests.append(RecordedRequest(_headers(scope), {}))
+            self._arrived.notify_all()
+        if self.model_list_gate is not None:
+            await self.model_list_gate.wait()
+        if self.model_list_error is not None:
+            error = self.model_list_error
+            return await _respond(send, error.code, error.body, error.headers)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "scripted"} for name in self.models]
+        return await _respond(send, 200, {"object": "list", "data": data})
+
+    async def wait_for_model_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        """Wait until at least ``n`` model list requests arrived; return all recorded so far."""
+        return await self._wait_for(self.model_requests, n, timeout)
+
+    async def _wait_for(self, recorded: list[RecordedRequest], n: int, timeout: float) -> list[RecordedRequest]:
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(recorded) >= n)
+        return list(recorded)
+
     async def _chat(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw_body = await _read_body(receive)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        record = RecordedRequest(headers, msgspec.json.decode(raw_body) if raw_body else {})
+        record = RecordedRequest(_headers(scope), msgspec.json.decode(raw_body) if raw_body else {})
         async with self._arrived:
             self.requests.append(record)
             self._arrived.notify_all()

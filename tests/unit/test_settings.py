@@ -77,6 +77,8 @@ def test_a_misspelt_name_stops_start_up_naming_it() -> None:
         ("SERVICE_SSE_RETRY_MS", "60001", "SERVICE_SSE_RETRY_MS must be within 1000..60000"),
         ("SERVICE_TOKEN_BUDGET", "-5", "SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot be negative"),
         ("SERVICE_RATE_LIMIT_PER_MINUTE", "-1", "SERVICE_RATE_LIMIT_PER_MINUTE and SERVICE_TOKEN_BUDGET cannot"),
+        ("SERVICE_MODELS_CACHE_S", "0", "SERVICE_MODELS_CACHE_S must be > 0"),
+        ("SERVICE_DEFAULT_MODEL", "openai/*", "SERVICE_DEFAULT_MODEL=openai/* is a wildcard, not a model"),
     ],
 )
 def test_a_bad_value_stops_start_up_naming_the_variable(name: str, value: str, says: str) -> None:
