@@ -57,9 +57,10 @@ if TYPE_CHECKING:
     from service.engine.mcp import McpHub
 
 WEB_DIR = Path(__file__).parent / "web"
-API_DESCRIPTION = """One chat engine behind two transports: request-bound SSE (`POST /v1/chats/{chat_id}/runs`
-with `Accept: text/event-stream`), resumable SSE for `EventSource` (`GET /v1/runs/{run_id}/events`), and a
-multiplexed WebSocket at `/v1/ws` (described in `openapi/asyncapi.yaml`). Every error has the shape
+API_DESCRIPTION = """One chat engine behind two transports: request-bound SSE (`POST /v1/chats/{chat_id}/runs/stream`,
+or `POST /v1/chats/{chat_id}/runs` with `Accept: text/event-stream`), resumable SSE (`GET /v1/runs/{run_id}/stream`;
+`GET /v1/runs/{run_id}/events` for `EventSource`, which a finished run answers `204`), and a multiplexed
+WebSocket at `/v1/ws` (described in `openapi/asyncapi.yaml`). Every error has the shape
 `{"error": {"code", "message", "detail"}}`. Clients must ignore event types they do not know."""
 
 

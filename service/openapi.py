@@ -282,6 +282,7 @@ LINKS: dict[tuple[str, str], dict[str, JsonDict]] = {
     ("CreateRun", "202"): {
         "GetRun": _link("GetRun", "The run's status", run_id=_RUN_ID),
         "StreamRunEvents": _link("StreamRunEvents", "Follow the run's events", run_id=_RUN_ID),
+        "StreamRun": _link("StreamRun", "Follow the run's events (200 only)", run_id=_RUN_ID),
         "CancelRun": _link("CancelRun", "Stop the run", run_id=_RUN_ID),
         "GetChat": _link("GetChat", "The run's chat", chat_id="$response.body#/chat_id"),
         "DeleteChat": _link("DeleteChat", "Delete the run's chat", chat_id="$response.body#/chat_id"),
@@ -289,6 +290,7 @@ LINKS: dict[tuple[str, str], dict[str, JsonDict]] = {
     ("CancelRun", "200"): {
         "GetRun": _link("GetRun", "The cancelled run", run_id=_RUN_ID),
         "StreamRunEvents": _link("StreamRunEvents", "The cancelled run's events", run_id=_RUN_ID),
+        "StreamRun": _link("StreamRun", "The cancelled run's events (200 only)", run_id=_RUN_ID),
         "DeleteChat": _link("DeleteChat", "Delete the run's chat", chat_id="$response.body#/chat_id"),
     },
     ("DeleteChat", "204"): {

@@ -35,6 +35,7 @@ from service.engine.tools import ToolCatalog
 from service.errors import ErrorEnvelope
 from service.events import AnyEvent
 from service.ids import new_id
+from service.runs.base import RunRecord
 from service.runs.manager import RunManager
 from service.security import Principal
 from service.settings import Settings
@@ -45,6 +46,17 @@ ERRORS = {
     404: ResponseSpec(ErrorEnvelope, description="No such chat"),
     503: ResponseSpec(ErrorEnvelope, description="The chat store is unavailable"),
 }
+RUN_ERRORS = {
+    409: ResponseSpec(ErrorEnvelope, description="The chat already has an active run (`detail.active_run_id`)"),
+    **ERRORS,
+    503: ResponseSpec(
+        ErrorEnvelope,
+        description="The chat store is unavailable, or this instance is shutting down (`shutting_down`: "
+        "start the run again, another instance will take it)",
+    ),
+}
+"""The error answers of the operations that start a run."""
+IdempotencyKey = Annotated[str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200)]
 
 
 class ChatController(Controller):
@@ -137,19 +149,10 @@ class ChatController(Controller):
         operation_id="CreateRun",
         status_code=202,
         responses={
-            200: ResponseSpec(
-                AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False
-            ),
             202: ResponseSpec(
                 RunOut, description="The run started; follow it at `events_url`", generate_examples=False
             ),
-            409: ResponseSpec(ErrorEnvelope, description="The chat already has an active run (`detail.active_run_id`)"),
-            **ERRORS,
-            503: ResponseSpec(
-                ErrorEnvelope,
-                description="The chat store is unavailable, or this instance is shutting down (`shutting_down`: "
-                "start the run again, another instance will take it)",
-            ),
+            **RUN_ERRORS,
         },
     )
     async def create_run(
@@ -158,24 +161,49 @@ class ChatController(Controller):
         chat_id: FromPath[str],
         data: JSONBody[RunCreate],
         caller: NamedDependency[RunCaller],
-        idempotency_key: Annotated[
-            str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=200)
-        ] = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> ASGIApp:
-        """Start a run that answers `message`.
+        """Start a run that answers `message`: `202` with the run; follow it at `events_url`.
 
-        With `Accept: text/event-stream` the response is the run's event stream. Otherwise it is `202`
-        with the run; follow it at `events_url`. A retried POST with the same `Idempotency-Key` returns
-        the same run. A chat has at most one active run: a second one gets `409 chat_busy`.
+        A retried POST with the same `Idempotency-Key` returns the same run. A chat has at most one active
+        run: a second one gets `409 chat_busy`. Sent with `Accept: text/event-stream`, this request answers
+        the run's event stream instead (`200`, as `CreateRunStream` does); generated clients call
+        `CreateRunStream` (`POST /v1/chats/{chat_id}/runs/stream`), whose only answer is the stream.
         """
-        runs, owner = caller.runs, caller.principal.owner
-        options = run_options(data, caller.settings)
-        record, _ = await runs.start_run(chat_id, options, idempotency_key, owner=owner)
+        record = await _start_run(caller, chat_id, data, idempotency_key)
         if "text/event-stream" in request.headers.get("accept", ""):
-            events = await runs.open_events(record.id, 0, owner)
+            events = await caller.runs.open_events(record.id, 0, caller.principal.owner)
             if events is not None:
                 return sse_response(events, caller.settings)
         return as_asgi(Response(run_out(record), status_code=202))
+
+    @post(
+        "/{chat_id:str}/runs/stream",
+        operation_id="CreateRunStream",
+        status_code=200,
+        responses={
+            200: ResponseSpec(
+                AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False
+            ),
+            **RUN_ERRORS,
+        },
+    )
+    async def create_run_stream(
+        self,
+        chat_id: FromPath[str],
+        data: JSONBody[RunCreate],
+        caller: NamedDependency[RunCaller],
+        idempotency_key: IdempotencyKey = None,
+    ) -> ASGIApp:
+        """Start a run that answers `message` and stream its events on this response (whatever `Accept` says).
+
+        The same body, `Idempotency-Key` and `409 chat_busy` as `CreateRun`. The first event,
+        `run.started`, names the run (`run_id`); when the connection drops, resume with
+        `GET /v1/runs/{run_id}/stream` and `Last-Event-ID` (the last `seq` received): the run goes on
+        without its stream unless it was started with `on_disconnect: "cancel"`.
+        """
+        record = await _start_run(caller, chat_id, data, idempotency_key)
+        return sse_response(await caller.runs.open_events(record.id, 0, caller.principal.owner), caller.settings)
 
     @get(
         "/{chat_id:str}/active-run",
@@ -188,3 +216,9 @@ class ChatController(Controller):
         """The chat's running run, or `null` when none is running."""
         record = await runs.active_run(chat_id, principal.owner)
         return None if record is None else run_out(record)
+
+
+async def _start_run(caller: RunCaller, chat_id: str, data: RunCreate, idempotency_key: str | None) -> RunRecord:
+    options = run_options(data, caller.settings)
+    record, _ = await caller.runs.start_run(chat_id, options, idempotency_key, owner=caller.principal.owner)
+    return record

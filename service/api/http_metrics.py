@@ -3,8 +3,9 @@
 ``StreamAwarePrometheusMiddleware`` is Litestar's ``PrometheusMiddleware`` (its metrics, names and
 labels) with two intentional divergences:
 
-1. A response whose ``Content-Type`` is ``text/event-stream`` (``GET /v1/runs/{id}/events``,
-   ``POST /v1/chats/{id}/runs`` with ``Accept: text/event-stream``) is counted
+1. A response whose ``Content-Type`` is ``text/event-stream`` (``GET /v1/runs/{id}/events`` and
+   ``/stream``, ``POST /v1/chats/{id}/runs/stream``, ``POST /v1/chats/{id}/runs`` with
+   ``Accept: text/event-stream``) is counted
    in ``litestar_requests_total`` with its status, but stays out of
    ``litestar_request_duration_seconds`` (its "duration" would be the stream's whole life, minutes,
    burying the API's latencies) and leaves ``litestar_requests_in_progress`` once its headers are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from litestar import Controller, Response, get, post
@@ -22,6 +23,19 @@ from service.security import Authenticator, Principal, StreamToken
 
 NOT_FOUND = ResponseSpec(ErrorEnvelope, description="No such run")
 EXPIRED = ResponseSpec(ErrorEnvelope, description="The run's events are past retention (`run_expired`)")
+EVENTS = ResponseSpec(AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False)
+STREAM_ERRORS = {
+    400: ResponseSpec(ErrorEnvelope, description="A cursor that names no position of the run (`invalid_cursor`)"),
+    404: NOT_FOUND,
+    410: EXPIRED,
+}
+After = Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")]
+Snapshot = Annotated[
+    bool, QueryParameter(description="Start with one `run.snapshot` of the run so far instead of its events")
+]
+LastEventId = Annotated[
+    str | None, HeaderParameter(name="Last-Event-ID", description="Set by EventSource on reconnect; wins over `after`")
+]
 
 
 class RunController(Controller):
@@ -42,15 +56,9 @@ class RunController(Controller):
         "/{run_id:str}/events",
         operation_id="StreamRunEvents",
         responses={
-            200: ResponseSpec(
-                AnyEvent, media_type="text/event-stream", description=SSE_DESCRIPTION, generate_examples=False
-            ),
+            200: EVENTS,
             204: ResponseSpec(None, description="The run has finished and every event was delivered"),
-            400: ResponseSpec(
-                ErrorEnvelope, description="A cursor that names no position of the run (`invalid_cursor`)"
-            ),
-            404: NOT_FOUND,
-            410: EXPIRED,
+            **STREAM_ERRORS,
         },
         opt={STREAM_TOKEN_OPT: "run"},
         security=BEARER_OR_STREAM_TOKEN,
@@ -59,15 +67,9 @@ class RunController(Controller):
         self,
         run_id: FromPath[str],
         caller: NamedDependency[RunCaller],
-        after: Annotated[int, QueryParameter(ge=0, description="Replay events after this seq")] = 0,
-        snapshot: Annotated[
-            bool,
-            QueryParameter(description="Start with one `run.snapshot` of the run so far instead of its events"),
-        ] = False,
-        last_event_id: Annotated[
-            str | None,
-            HeaderParameter(name="Last-Event-ID", description="Set by EventSource on reconnect; wins over `after`"),
-        ] = None,
+        after: After = 0,
+        snapshot: Snapshot = False,
+        last_event_id: LastEventId = None,
     ) -> ASGIApp:
         """Replay the run's events after `Last-Event-ID` (or `?after=`), then follow it live.
 
@@ -78,11 +80,35 @@ class RunController(Controller):
         A cursor older than the events the service still keeps (more than `SERVICE_MAX_EVENTS_PER_RUN`)
         gets one `run.snapshot` (the run's accumulated state at its `seq`) and then the events after it;
         `?snapshot=true` asks for the same, which saves a late joiner the replay of every delta.
+        Generated clients call `StreamRun` (`GET /v1/runs/{run_id}/stream`), whose only answer is the stream.
         """
-        start = after if last_event_id is None else _cursor(last_event_id)
-        events = await caller.runs.open_events(run_id, start, caller.principal.owner, snapshot=snapshot)
+        events = await _open_events(caller, run_id, after, snapshot, last_event_id)
         if events is None:
             return as_asgi(Response(None, status_code=204))
+        return sse_response(events, caller.settings)
+
+    @get(
+        "/{run_id:str}/stream",
+        operation_id="StreamRun",
+        responses={200: EVENTS, **STREAM_ERRORS},
+        opt={STREAM_TOKEN_OPT: "run"},
+        security=BEARER_OR_STREAM_TOKEN,
+    )
+    async def stream_run(
+        self,
+        run_id: FromPath[str],
+        caller: NamedDependency[RunCaller],
+        after: After = 0,
+        snapshot: Snapshot = False,
+        last_event_id: LastEventId = None,
+    ) -> ASGIApp:
+        """The run's events after `Last-Event-ID` (or `?after=`), then live ones, as `StreamRunEvents` sends them.
+
+        The one difference: a finished run with nothing left to send answers `200` with a stream of no
+        event (`StreamRunEvents` answers `204`), so this operation's only answer is the event stream.
+        The same `?snapshot=` and, with auth on, `?token=` (a stream token of this run).
+        """
+        events = await _open_events(caller, run_id, after, snapshot, last_event_id)
         return sse_response(events, caller.settings)
 
     @post("/{run_id:str}/cancel", operation_id="CancelRun", status_code=200, responses={404: NOT_FOUND, 410: EXPIRED})
@@ -111,11 +137,19 @@ class RunController(Controller):
     ) -> StreamToken:
         """A short-lived token that opens this run's event stream as `?token=` (for `EventSource`).
 
-        It works only on `GET /v1/runs/{run_id}/events` of this run, for at most 60 s (a setting); a stream
-        opened with it keeps flowing after that. Mint a new one to reconnect later (resume with `?after=`).
+        It works only on `GET /v1/runs/{run_id}/events` and `GET /v1/runs/{run_id}/stream` of this run, for
+        at most 60 s (a setting); a stream opened with it keeps flowing after that. Mint a new one to
+        reconnect later (resume with `?after=`).
         """
         await runs.get_run(run_id, principal.owner)
         return auth.mint(principal, "run", run_id)
+
+
+async def _open_events(
+    caller: RunCaller, run_id: str, after: int, snapshot: bool, last_event_id: str | None
+) -> AsyncIterator[AnyEvent] | None:
+    start = after if last_event_id is None else _cursor(last_event_id)
+    return await caller.runs.open_events(run_id, start, caller.principal.owner, snapshot=snapshot)
 
 
 def _cursor(value: str) -> int:

@@ -27,16 +27,20 @@ SSE_DESCRIPTION = (
 )
 
 
-def sse_response(events: AsyncIterator[AnyEvent], settings: Settings) -> ASGIApp:
-    """Stream ``events`` as SSE: ``retry:`` first, then one pre-framed ``id``/``data`` event per event."""
+def sse_response(events: AsyncIterator[AnyEvent] | None, settings: Settings) -> ASGIApp:
+    """Stream ``events`` as SSE: ``retry:`` first, then one pre-framed ``id``/``data`` event per event.
+
+    ``None`` (a finished run with nothing left to send) is a stream with no event.
+    """
 
     async def frames() -> AsyncIterator[bytes]:
         streams = metrics.OPEN_STREAMS.labels("sse")
         streams.inc()
         try:
             yield b"retry: %d\n\n" % settings.sse_retry_ms
-            async for event in events:
-                yield sse_frame(event)
+            if events is not None:
+                async for event in events:
+                    yield sse_frame(event)
         except errors.ServiceError as exc:  # the run backend stayed down: end the body; the client resumes
             yield b": %s\n\n" % exc.code.encode()
         finally:

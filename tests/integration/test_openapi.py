@@ -125,8 +125,9 @@ def test_sse_responses_carry_the_full_discriminator(committed: dict[str, Any]) -
         if SSE in response.get("content", {})
     ]
     assert {(path, status) for path, status, _ in streams} == {
-        ("/v1/chats/{chat_id}/runs", "200"),
+        ("/v1/chats/{chat_id}/runs/stream", "200"),
         ("/v1/runs/{run_id}/events", "200"),
+        ("/v1/runs/{run_id}/stream", "200"),
     }
     for _, _, media in streams:
         schema = media["schema"]
@@ -136,6 +137,16 @@ def test_sse_responses_carry_the_full_discriminator(committed: dict[str, Any]) -
     for ref in expected.values():
         assert ref.rsplit("/", 1)[1] in committed["components"]["schemas"]
     assert committed["openapi"] == "3.1.0"
+
+
+def test_generated_clients_see_one_answer_per_streaming_operation(committed: dict[str, Any]) -> None:
+    """A generator types a stream's items from all its 2xx answers: the streaming operations have only 200."""
+    ops = {op["operationId"]: op for _, _, op in _operations(committed)}
+    success = {name: sorted(s for s in op["responses"] if s.startswith("2")) for name, op in ops.items()}
+    assert success["CreateRunStream"] == success["StreamRun"] == ["200"]
+    assert success["CreateRun"] == ["202"]
+    assert list(ops["CreateRun"]["responses"]["202"]["content"]) == ["application/json"]
+    assert success["StreamRunEvents"] == ["200", "204"]  # EventSource's stop signal, kept
 
 
 def _event_classes() -> dict[str, str]:
@@ -170,7 +181,7 @@ def test_readiness_documents_its_503_body(committed: dict[str, Any]) -> None:
 def test_links_follow_a_conversation(committed: dict[str, Any]) -> None:
     ops = {op["operationId"]: op for _, _, op in _operations(committed)}
     assert set(ops["CreateChat"]["responses"]["201"]["links"]) >= {"CreateRun", "GetChat", "DeleteChat"}
-    assert set(ops["CreateRun"]["responses"]["202"]["links"]) >= {"GetRun", "StreamRunEvents", "CancelRun"}
+    assert set(ops["CreateRun"]["responses"]["202"]["links"]) >= {"GetRun", "StreamRunEvents", "StreamRun", "CancelRun"}
     for op in ops.values():
         for response in op["responses"].values():
             for link in response.get("links", {}).values():

@@ -123,6 +123,46 @@ async def test_a_reader_cut_at_every_point_resumes_gaplessly_over_sse_and_websoc
     assert len(service.upstream.requests) == 1
 
 
+async def test_the_streaming_operations_answer_only_event_streams_without_an_accept_header(
+    make_service: ServiceFactory, backend: dict[str, Any]
+) -> None:
+    """CreateRunStream and StreamRun stream with any Accept; a finished run read to its end is 200, not 204."""
+    service = await make_service(**backend)
+    service.upstream.enqueue(text("one two three"), finish(), usage(1, 3))
+    chat = await service.create_chat()
+    started, events = await collect_events(
+        service.http, "POST", f"/v1/chats/{chat}/runs/stream", json={"message": "go"}, headers={"accept": "*/*"}
+    )
+    assert started.status_code == 200
+    assert started.headers["content-type"].startswith("text/event-stream")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "run.completed"
+    run_id, n = events[0]["run_id"], len(events)
+
+    for k in range(n + 1):
+        response, rest = await collect_events(
+            service.http, "GET", f"/v1/runs/{run_id}/stream", headers={"Last-Event-ID": str(k)}
+        )
+        assert response.status_code == 200, k
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert rest == events[k:]
+    _, after = await collect_events(service.http, "GET", f"/v1/runs/{run_id}/stream", params={"after": n - 1})
+    assert after == events[-1:]
+    assert (await service.http.get(f"/v1/runs/{run_id}/events", params={"after": n})).status_code == 204
+    for path, status in [(f"/v1/runs/{run_id}/stream?after={n + 1}", 400), ("/v1/runs/nope/stream", 404)]:
+        response = await service.http.get(path)
+        assert response.status_code == status, path
+    busy_gate = asyncio.Event()
+    service.upstream.enqueue(text("slow"), gate(busy_gate), finish())
+    async with service.http.stream("POST", f"/v1/chats/{chat}/runs/stream", json={"message": "again"}) as first:
+        assert first.status_code == 200
+        second = await service.http.post(f"/v1/chats/{chat}/runs/stream", json={"message": "busy"})
+        assert second.status_code == 409
+        assert second.json()["error"]["code"] == "chat_busy"
+        busy_gate.set()
+        await first.aread()
+
+
 async def test_a_finished_run_answers_204_then_410_after_retention_and_the_answer_stays_in_the_chat(
     make_service: ServiceFactory, backend: dict[str, Any]
 ) -> None:

@@ -2,47 +2,102 @@
  * Drives the live service with the TypeScript client generated from openapi/openapi.json.
  *
  * Usage: SERVICE_URL=http://127.0.0.1:PORT SERVICE_TOKEN=<bearer JWT> tsx e2e.ts
- * Creates a chat, starts a run (202), follows `events_url` over SSE with the generated SDK, cuts the
- * stream after a few events, resumes with `Last-Event-ID`, and checks the seqs are exactly 1..N with
- * no gap or duplicate and that the last event is `run.completed`. Exits non-zero on any failure.
+ * (the suite first compiles it with `tsc --strict --noEmit`: no cast, and the switch over the event
+ * union is exhaustive). Creates a chat, starts a run with `createRunStream` and reads its events as they
+ * arrive, cuts the stream while the run is still going, resumes with `streamRun` and `Last-Event-ID`,
+ * and checks the seqs are exactly 1..N with no gap or duplicate, the last event is `run.completed`, and
+ * the text deltas add up to `text.done`. A finished run read again answers an empty stream (no retry).
+ * Exits non-zero on any failure.
  */
 import { client } from '../generated/ts/client.gen';
-import { createChat, getRun, streamRunEvents } from '../generated/ts/sdk.gen';
-import type { CreateRunResponses, RunOut, StreamRunEventsResponses } from '../generated/ts/types.gen';
+import { createChat, createRunStream, getRun, streamRun } from '../generated/ts/sdk.gen';
+import type { StreamRunResponses } from '../generated/ts/types.gen';
 
-type Event = StreamRunEventsResponses[200];
+/** The element type of both streaming operations: the event union, discriminated by `type`. */
+type Event = StreamRunResponses[200];
 
 const baseUrl = process.env.SERVICE_URL;
 const token = process.env.SERVICE_TOKEN;
-const CUT_AFTER = 3;
+const CUT_AFTER = 4;
 
 function fail(message: string): never {
   console.error(`FAIL: ${message}`);
   process.exit(1);
 }
 
-async function follow(runId: string, lastEventId: string | undefined, limit: number): Promise<Event[]> {
-  const controller = new AbortController();
-  const { stream } = await streamRunEvents({
-    path: { run_id: runId },
-    headers: lastEventId === undefined ? {} : { 'Last-Event-ID': lastEventId },
-    signal: controller.signal,
-    sseMaxRetryAttempts: 1,
-    onSseError: (error) => {
-      if (!controller.signal.aborted) fail(`SSE error after ${events.length} events: ${String(error)} ${String((error as Error).cause)}`);
-    },
-  });
-  const events: Event[] = [];
-  for await (const event of stream) {
-    events.push(event as Event);
-    if (events.length >= limit || isTerminal(event as Event)) break;
+/** What a client renders of each event; the `never` check fails to compile when a type is added. */
+function render(event: Event): string {
+  switch (event.type) {
+    case 'run.started':
+      return `started ${event.model}`;
+    case 'step.started':
+      return `step ${event.step}`;
+    case 'step.done':
+      return `step ${event.step} done (${event.finish_reason})`;
+    case 'text.delta':
+    case 'reasoning.delta':
+    case 'refusal.delta':
+      return event.delta;
+    case 'text.done':
+    case 'reasoning.done':
+      return `[${event.text.length} chars]`;
+    case 'refusal.done':
+      return `refused: ${event.refusal}`;
+    case 'tool_call.started':
+      return `call ${event.name}`;
+    case 'tool_call.delta':
+      return event.arguments_delta;
+    case 'tool_call.done':
+      return `call ${event.name}(${event.arguments})`;
+    case 'tool.result':
+      return `${event.name} -> ${event.output}${event.is_error ? ' (error)' : ''}`;
+    case 'output.partial':
+      return JSON.stringify(event.partial);
+    case 'output.done':
+      return JSON.stringify(event.output);
+    case 'usage':
+      return `${event.total_tokens} tokens`;
+    case 'run.snapshot':
+      return `snapshot at ${event.seq}: ${event.text ?? ''}`;
+    case 'run.completed':
+      return `completed (${event.finish_reason})`;
+    case 'run.cancelled':
+      return `cancelled (${event.reason})`;
+    case 'run.failed':
+      return `failed: ${event.error.code}`;
+    default: {
+      // A type this client was not generated with: ignore it, as the API's documentation asks.
+      const unknown: never = event;
+      void unknown;
+      return '';
+    }
   }
-  controller.abort(); // cut the connection (a no-op if the server already closed it)
-  return events;
 }
 
 function isTerminal(event: Event): boolean {
   return event.type === 'run.completed' || event.type === 'run.cancelled' || event.type === 'run.failed';
+}
+
+/** The SDK retries a dropped stream by itself; here any error is a failure, so it never retries. */
+function streamOptions(controller: AbortController, what: string) {
+  return {
+    signal: controller.signal,
+    sseMaxRetryAttempts: 1,
+    onSseError: (error: unknown) => {
+      if (!controller.signal.aborted) fail(`${what}: ${String(error)}`);
+    },
+  };
+}
+
+/** Read `stream` until `limit` events or its end; then cut the connection (a no-op once it ended). */
+async function read(stream: AsyncGenerator<Event>, controller: AbortController, limit: number): Promise<Event[]> {
+  const events: Event[] = [];
+  for await (const event of stream) {
+    events.push(event);
+    if (events.length >= limit || isTerminal(event)) break;
+  }
+  controller.abort();
+  return events;
 }
 
 async function main(): Promise<void> {
@@ -55,42 +110,57 @@ async function main(): Promise<void> {
   client.setConfig({ baseUrl, auth: (auth) => (auth.scheme === 'bearer' ? token : undefined) });
 
   const chat = await createChat({ body: { model: 'demo' } });
-  if (chat.response.status !== 201 || !chat.data) fail(`create chat: ${chat.response.status}`);
-  const chatId = chat.data.id;
+  if (chat.data === undefined) fail(`create chat: ${chat.response.status}`);
 
-  // CreateRun documents both 200 (SSE) and 202 (JSON): the SDK's createRun is SSE-only, so the 202
-  // path goes through the generated client with the generated types.
-  const started = await client.post<CreateRunResponses>({
-    url: '/v1/chats/{chat_id}/runs',
-    path: { chat_id: chatId },
+  const starting = new AbortController();
+  const { stream: started } = await createRunStream({
+    path: { chat_id: chat.data.id },
     body: { message: 'Tell me a story about typed events.' },
-    headers: { 'Content-Type': 'application/json' },
-    security: [{ scheme: 'bearer', type: 'http' }],
+    ...streamOptions(starting, 'createRunStream'),
   });
-  if (started.response.status !== 202 || !started.data) fail(`start run: ${started.response.status}`);
-  const run = started.data as RunOut;
-  if (run.events_url !== `/v1/runs/${run.id}/events`) fail(`unexpected events_url ${run.events_url}`);
+  const first = await read(started, starting, CUT_AFTER);
+  const last = first.at(-1);
+  if (last === undefined || first.length < CUT_AFTER) fail(`only ${first.length} events before the cut`);
+  const runId = last.run_id;
+  const during = await getRun({ path: { run_id: runId } });
+  if (during.data?.status !== 'running') fail(`the run was ${during.data?.status} at the cut: the stream did not stream`);
 
-  const first = await follow(run.id, undefined, CUT_AFTER);
-  if (first.length === 0) fail('no events before the cut');
-  const last = first[first.length - 1];
-  const rest = isTerminal(last) ? [] : await follow(run.id, String(last.seq), Number.POSITIVE_INFINITY);
+  const resuming = new AbortController();
+  const { stream: resumed } = await streamRun({
+    path: { run_id: runId },
+    headers: { 'Last-Event-ID': String(last.seq) },
+    ...streamOptions(resuming, 'streamRun'),
+  });
+  const rest = await read(resumed, resuming, Number.POSITIVE_INFINITY);
   const events = [...first, ...rest];
 
-  const seqs = events.map((e) => e.seq);
+  const seqs = events.map((event) => event.seq);
   const expected = Array.from({ length: events.length }, (_, i) => i + 1);
   if (JSON.stringify(seqs) !== JSON.stringify(expected)) fail(`seqs are not 1..N: ${JSON.stringify(seqs)}`);
-  const terminal = events[events.length - 1];
-  if (terminal.type !== 'run.completed') fail(`last event is ${terminal.type}, not run.completed`);
-  if (events.some((e) => e.run_id !== run.id)) fail('an event of another run');
+  const terminal = events.at(-1);
+  if (terminal?.type !== 'run.completed') fail(`last event is ${terminal?.type}, not run.completed`);
+  if (events.some((event) => event.run_id !== runId)) fail('an event of another run');
+  const deltas = events.flatMap((event) => (event.type === 'text.delta' ? [event.delta] : []));
+  const done = events.find((event) => event.type === 'text.done');
+  if (done?.type !== 'text.done' || deltas.join('') !== done.text) fail('the text deltas do not add up to text.done');
 
-  const status = await getRun({ path: { run_id: run.id } });
+  const status = await getRun({ path: { run_id: runId } });
   if (status.data?.status !== 'completed' || status.data.last_seq !== events.length) {
     fail(`run status ${JSON.stringify(status.data)} does not match the stream (${events.length} events)`);
   }
+  const again = new AbortController();
+  const { stream: finished } = await streamRun({
+    path: { run_id: runId },
+    headers: { 'Last-Event-ID': String(terminal.seq) },
+    ...streamOptions(again, 'streamRun of a finished run'),
+  });
+  const none = await read(finished, again, Number.POSITIVE_INFINITY);
+  if (none.length !== 0) fail(`a finished run sent ${none.length} more events`);
+
   console.log(
-    `OK: ${events.length} events (cut after ${first.length}, resumed from Last-Event-ID ${last.seq}); ` +
-      `types: ${[...new Set(events.map((e) => e.type))].join(', ')}`,
+    `OK: ${events.length} events (cut after ${first.length} while running, resumed from Last-Event-ID ${last.seq}); ` +
+      `types: ${[...new Set(events.map((event) => event.type))].join(', ')}; ` +
+      `text: ${JSON.stringify(events.map(render).join('').slice(0, 60))}`,
   );
 }
 
