@@ -2,8 +2,9 @@
 upstream errors, open streams, run-log and store latencies and HTTP requests (Prometheus text).
 
 The registry is the test process's, shared by the services of all tests: each test compares a
-scrape with one taken before. ``test_two_workers_...`` runs ``uvicorn --workers 2`` in multiprocess
-mode and checks that every scrape, whichever worker answers it, holds both workers' runs.
+scrape with one taken before. The ``workers`` tests run ``uvicorn --workers 2`` in multiprocess
+mode: every scrape, whichever worker answers it, holds both workers' runs, and a killed worker's
+active run stops counting once uvicorn has started its replacement.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import re
 import signal
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,7 @@ from tests.integration.conftest import MODEL, Service, ServiceFactory, delete_pr
 from tests.integration.test_instances import instance_env
 from tests.support.live_server import ServiceProcess
 from tests.support.sse import iter_sse
-from tests.support.upstream import finish, gate, scripted_upstream, status, text, usage
+from tests.support.upstream import ScriptedUpstream, finish, gate, scripted_upstream, status, text, usage
 from tests.support.wait import until
 
 
@@ -219,50 +221,66 @@ def only(worker: int, workers: list[int]) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-async def started_workers(process: ServiceProcess, count: int) -> list[int]:
-    """The pids of the ``count`` workers, once each has completed its start-up."""
+STARTED = "Application startup complete."
+
+
+async def workers_started(process: ServiceProcess, count: int) -> list[int]:
+    """The pids of the workers started so far, once ``count`` have completed their start-up (restarts count)."""
 
     async def all_started() -> bool:
-        return process.logs().count("Application startup complete.") >= count
+        return process.logs().count(STARTED) >= count
 
     await until(all_started, timeout=60)
     return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", process.logs())]
 
 
-@pytest.mark.redis
-@pytest.mark.xdist_group("redis")
-@pytest.mark.slow
-async def test_two_workers_merged_metrics_count_every_run_whichever_worker_answers(
-    redis_url: str, tmp_path: Path
-) -> None:
+@dataclass
+class Workers:
+    """``uvicorn --workers 2`` in multiprocess mode, with Redis runs, and a client that reaches any worker."""
+
+    process: ServiceProcess
+    pids: list[int]
+    http: httpx.AsyncClient
+    upstream: ScriptedUpstream
+    directory: Path
+
+
+@pytest.fixture
+async def workers(redis_url: str, tmp_path: Path) -> AsyncIterator[Workers]:
     directory = tmp_path / "metrics"
     directory.mkdir()  # empty before the service starts, as the README says
     prefix = f"test-{uuid.uuid4().hex}"
-    runs = sum(RUNS_ON)
     async with scripted_upstream() as upstream:
         env = instance_env(tmp_path, upstream, redis_url, prefix) | {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
         async with ServiceProcess(env, extra_args=["--workers", str(len(RUNS_ON))], startup_timeout=60) as process:
-            workers = await started_workers(process, len(RUNS_ON))
+            pids = await workers_started(process, len(RUNS_ON))
             fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: never a stopped worker's
             async with httpx.AsyncClient(base_url=process.url, timeout=20, limits=fresh) as http:
-                for worker, count in zip(workers, RUNS_ON, strict=True):
-                    with only(worker, workers):
-                        for _ in range(count):
-                            upstream.enqueue(text("hi"), finish(), usage(3, 2))
-                            chat = (await http.post("/v1/chats", json={"model": MODEL})).json()["id"]
-                            response = await http.post(
-                                f"/v1/chats/{chat}/runs",
-                                json={"message": "hi"},
-                                headers={"accept": "text/event-stream"},
-                            )
-                            assert '"run.completed"' in response.text
-                assert runs_per_worker(directory) == dict(zip(workers, RUNS_ON, strict=True))
-                scrapes: list[dict[str, float]] = []
-                for worker in workers:
-                    with only(worker, workers):
-                        scrapes += [await scrape_url(http) for _ in range(3)]
-        await delete_prefix(redis_url, prefix)
+                yield Workers(process, pids, http, upstream, directory)
+    await delete_prefix(redis_url, prefix)
 
+
+@pytest.mark.redis
+@pytest.mark.xdist_group("redis")
+@pytest.mark.slow
+async def test_two_workers_merged_metrics_count_every_run_whichever_worker_answers(workers: Workers) -> None:
+    http, pids = workers.http, workers.pids
+    for worker, count in zip(pids, RUNS_ON, strict=True):
+        with only(worker, pids):
+            for _ in range(count):
+                workers.upstream.enqueue(text("hi"), finish(), usage(3, 2))
+                chat = (await http.post("/v1/chats", json={"model": MODEL})).json()["id"]
+                response = await http.post(
+                    f"/v1/chats/{chat}/runs", json={"message": "hi"}, headers={"accept": "text/event-stream"}
+                )
+                assert '"run.completed"' in response.text
+    assert runs_per_worker(workers.directory) == dict(zip(pids, RUNS_ON, strict=True))
+    scrapes: list[dict[str, float]] = []
+    for worker in pids:
+        with only(worker, pids):
+            scrapes += [await scrape_url(http) for _ in range(3)]
+
+    runs = sum(RUNS_ON)
     prompt = key("chat_service_tokens_total", {"provider": "openai", "model": "other", "type": "prompt"})
     for samples in scrapes:
         assert samples["chat_service_runs_finished_total{status=completed}"] == runs
@@ -270,3 +288,23 @@ async def test_two_workers_merged_metrics_count_every_run_whichever_worker_answe
         assert samples["chat_service_run_duration_seconds_count{model=other,provider=openai}"] == runs
         assert samples["chat_service_active_runs{}"] == 0
         assert samples[http_key("litestar_requests_total", "POST", "/v1/chats", 201)] == runs
+
+
+@pytest.mark.redis
+@pytest.mark.xdist_group("redis")
+@pytest.mark.slow
+async def test_a_killed_workers_active_runs_stop_counting_once_its_replacement_starts(workers: Workers) -> None:
+    http, (doomed, other) = workers.http, workers.pids
+    workers.upstream.enqueue(text("held"), gate(asyncio.Event()), finish())  # never released
+    with only(doomed, workers.pids):
+        chat = (await http.post("/v1/chats", json={"model": MODEL})).json()["id"]
+        assert (await http.post(f"/v1/chats/{chat}/runs", json={"message": "hi"})).status_code == 202
+        await workers.upstream.wait_for_requests(1)
+        assert (await scrape_url(http))["chat_service_active_runs{}"] == 1
+
+    os.kill(doomed, signal.SIGKILL)  # no shutdown: its files still say one run is active
+    pids = await workers_started(workers.process, len(RUNS_ON) + 1)  # uvicorn starts a replacement
+
+    for worker in (other, pids[-1]):
+        with only(worker, [other, pids[-1]]):
+            assert (await scrape_url(http))["chat_service_active_runs{}"] == 0
