@@ -5,6 +5,9 @@ The service runs with auth on: the clients send the bearer token the way their g
 
 The generated code is not committed: the Python client goes to a temporary directory, the TypeScript one to
 tests/e2e/generated/ts/ (git-ignored), with node_modules kept in tests/e2e/ts_client/ between runs.
+
+The README's curl, Python and TypeScript examples (the fenced blocks after ``<!-- example: NAME -->``) run
+here as written, against a second service with auth off, as `just serve` runs it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import pytest
 from tests.support.auth import AUDIENCE, SECRET, hs256
 from tests.support.live_server import REPO_ROOT, ServiceProcess
 from tests.support.node import node_tools, npm_ci, run
+from tests.support.readme import readme_block
 
 SPEC = REPO_ROOT / "openapi" / "openapi.json"
 TS_DIR = REPO_ROOT / "tests" / "e2e" / "ts_client"
 TS_OUT = REPO_ROOT / "tests" / "e2e" / "generated" / "ts"
 PACKAGE = "chat_service_client"
 HELPER = REPO_ROOT / "clients" / "python" / "chat_service_events.py"
-README = REPO_ROOT / "README.md"
 CUT_AFTER = 4
 TOKEN = hs256("client-user", iss=None)
 
@@ -70,14 +73,6 @@ def open_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         asyncio.run(service.stop())
         service.log_path.unlink(missing_ok=True)
-
-
-def readme_block(name: str) -> str:
-    """The fenced block that follows ``<!-- example: NAME -->`` in the README, as written there."""
-    text = README.read_text(encoding="utf-8")
-    marker = f"<!-- example: {name} -->\n```"
-    start = text.index("\n", text.index(marker) + len(marker)) + 1
-    return text[start : text.index("\n```\n", start) + 1]
 
 
 # --------------------------------------------------------------------------- Python
@@ -256,16 +251,46 @@ def test_readme_curl_example_runs_as_written(open_url: str, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- TypeScript
 
 
-def test_typescript_client_streams_and_resumes(live_url: str) -> None:
-    _, npm = node_tools("the TypeScript client test")
+@pytest.fixture(scope="module")
+def ts_client() -> Path:
+    """The TypeScript client generated from the committed document, with its packages installed."""
+    _, npm = node_tools("the TypeScript client tests")
     npm_ci(TS_DIR, npm)
     shutil.rmtree(TS_OUT, ignore_errors=True)
-    openapi_ts = str(TS_DIR / "node_modules" / ".bin" / "openapi-ts")
-    run([openapi_ts, "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
+    run([_bin("openapi-ts"), "-i", str(SPEC), "-o", str(TS_OUT), "-c", "@hey-api/client-fetch"], TS_DIR, 120)
     assert (TS_OUT / "sdk.gen.ts").exists()
-    tsc = str(TS_DIR / "node_modules" / ".bin" / "tsc")
-    run([tsc, "-p", "tsconfig.json", "--strict", "--noEmit"], TS_DIR, 180)  # no cast, exhaustive switch
-    tsx = str(TS_DIR / "node_modules" / ".bin" / "tsx")
-    output = run([tsx, "e2e.ts"], TS_DIR, 120, env={**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN})
+    return TS_OUT
+
+
+def _bin(name: str) -> str:
+    return str(TS_DIR / "node_modules" / ".bin" / name)
+
+
+def test_typescript_client_streams_and_resumes(ts_client: Path, live_url: str) -> None:
+    run([_bin("tsc"), "-p", "tsconfig.json", "--strict", "--noEmit"], TS_DIR, 180)  # no cast, exhaustive switch
+    env = {**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN}
+    output = run([_bin("tsx"), "e2e.ts"], TS_DIR, 120, env=env)
     assert output.startswith("OK:"), output
     print(output)
+
+
+def test_readme_typescript_example_compiles_strictly_and_runs(ts_client: Path, open_url: str) -> None:
+    """The README's block, beside the client as the README generates it (``./client``), as an ES module."""
+    example = ts_client.parent / "readme"
+    shutil.rmtree(example, ignore_errors=True)
+    example.mkdir()
+    (example / "client").symlink_to(ts_client, target_is_directory=True)
+    (example / "package.json").write_text('{"type": "module"}\n', encoding="utf-8")
+    (example / "example.ts").write_text(readme_block("typescript"), encoding="utf-8")
+    options = ["--target", "ES2022", "--module", "ESNext", "--moduleResolution", "Bundler"]
+    options += [
+        "--lib",
+        "ES2022,DOM,DOM.Iterable",
+        "--types",
+        "node",
+        "--typeRoots",
+        str(TS_DIR / "node_modules/@types"),
+    ]
+    run([_bin("tsc"), "--strict", "--noEmit", *options, str(example / "example.ts")], TS_DIR, 180)
+    output = run([_bin("tsx"), str(example / "example.ts")], example, 120, env={**os.environ, "SERVICE_URL": open_url})
+    assert "The tool answered" in output, output
