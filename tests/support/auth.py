@@ -71,7 +71,9 @@ class SigningKeys:
 def claims_for(sub: str | None, **claims: Any) -> dict[str, Any]:
     """Claims the service accepts, with ``claims`` merged over them (None removes one)."""
     now = int(time.time())
-    values: dict[str, Any] = {"sub": sub, "aud": AUDIENCE, "iss": ISSUER, "iat": now, "exp": now + 300, **claims}
+    # An hour: tokens made when a module is collected must outlive the suite (under load a module's
+    # tests ran more than the 300 s this used to be after their token was made: 401 "Signature has expired").
+    values: dict[str, Any] = {"sub": sub, "aud": AUDIENCE, "iss": ISSUER, "iat": now, "exp": now + 3600, **claims}
     return {name: value for name, value in values.items() if value is not None}
 
 
