@@ -181,7 +181,7 @@ async def test_a_crashed_owner_fails_its_run_for_readers_on_other_instances(clus
     """The owner dies mid-run: readers elsewhere get run.failed owner_lost, and the chat is usable again."""
     async with ServiceProcess(cluster.env) as doomed, httpx.AsyncClient(base_url=doomed.url, timeout=20) as c:
         chat = (await c.post("/v1/chats", json={"model": MODEL})).json()["id"]
-        cluster.upstream.enqueue(text("before the crash "), sleep(60), finish())
+        cluster.upstream.enqueue_for("crash", text("before the crash "), sleep(60), finish())
         run = (await c.post(f"/v1/chats/{chat}/runs", json={"message": "crash"})).json()
         reader = asyncio.create_task(collect_events(cluster.b, "GET", run["events_url"]))
         while (await cluster.b.get(f"/v1/runs/{run['id']}")).json()["last_seq"] < 2:
@@ -232,8 +232,8 @@ async def test_every_status_read_finishes_a_run_whose_owner_was_killed(cluster: 
     finish a kill -9'd owner's run as owner_lost (not running / 409 for ever)."""
     async with ServiceProcess(cluster.env) as doomed, httpx.AsyncClient(base_url=doomed.url, timeout=20) as c:
         chat = (await c.post("/v1/chats", json={"model": MODEL})).json()["id"]
-        cluster.upstream.enqueue(text("before the crash "), sleep(60), finish())
-        run = (await c.post(f"/v1/chats/{chat}/runs", json={"message": "crash"})).json()
+        cluster.upstream.enqueue_for(f"crash {path}", text("before the crash "), sleep(60), finish())
+        run = (await c.post(f"/v1/chats/{chat}/runs", json={"message": f"crash {path}"})).json()
         while (await cluster.b.get(f"/v1/runs/{run['id']}")).json()["last_seq"] < 2:
             await asyncio.sleep(0.02)
         doomed.kill()

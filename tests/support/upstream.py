@@ -383,6 +383,10 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
+def _flatten(parts: Sequence[Step | Sequence[Step]]) -> list[Step]:
+    return [step for part in parts for step in (part if isinstance(part, Sequence) else [part])]
+
+
 class ScriptedUpstream:
     """The ASGI app: ``POST /v1/chat/completions`` plays scripts, ``GET /v1/models`` lists ``models``."""
 
@@ -394,12 +398,21 @@ class ScriptedUpstream:
         self.requests: list[RecordedRequest] = []
         self.url = self.base_url = ""  # set by scripted_upstream(): "http://127.0.0.1:PORT[/v1]"
         self._scripts: deque[list[Step]] = deque()
+        self._scripts_for: dict[str, list[Step]] = {}
         self._arrived = asyncio.Condition()
         self._playing: set[asyncio.Task[None]] = set()
 
     def enqueue(self, *parts: Step | Sequence[Step]) -> None:
         """Queue ONE script for the next chat request; ``parts`` (steps or lists of steps) are flattened."""
-        self._scripts.append([step for part in parts for step in (part if isinstance(part, Sequence) else [part])])
+        self._scripts.append(_flatten(parts))
+
+    def enqueue_for(self, message: str, *parts: Step | Sequence[Step]) -> None:
+        """Keep ONE script for the next chat request whose last message says ``message`` (before the queue).
+
+        For a module-wide upstream, where a request still on its way from an earlier test would take
+        the next queued script.
+        """
+        self._scripts_for[message] = _flatten(parts)
 
     async def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Wait until at least ``n`` chat requests arrived; return all recorded so far."""
@@ -450,7 +463,10 @@ class ScriptedUpstream:
         async with self._arrived:
             self.requests.append(record)
             self._arrived.notify_all()
-        script = self._scripts.popleft() if self._scripts else default_script()
+        messages = record.body.get("messages") or [{}]
+        script = self._scripts_for.pop(str(messages[-1].get("content")), None)
+        if script is None:
+            script = self._scripts.popleft() if self._scripts else default_script()
         player = _Player(send, str(record.body.get("model", "scripted")))
         play = asyncio.create_task((player.stream if record.body.get("stream") else player.complete)(script))
         watch = asyncio.create_task(_wait_for_disconnect(receive))
