@@ -28,6 +28,7 @@ from service.api.schemas import (
     response_format_dict,
     run_options,
     run_out,
+    sampling_dict,
 )
 from service.api.streaming import SSE_DESCRIPTION, as_asgi, sse_response
 from service.engine.providers import ProviderRegistry
@@ -89,6 +90,7 @@ class ChatController(Controller):
             tools=data.tools,
             mcp_servers=data.mcp_servers,
             response_format=response_format,
+            sampling=sampling_dict(data) or None,
             owner=principal.owner,
             created_at=now,
             updated_at=now,

@@ -63,8 +63,33 @@ class ImagePart(msgspec.Struct, frozen=True, tag_field="type", tag="image_url", 
 
 ContentPart = TextPart | ImagePart
 
+MAX_TOKENS_LIMIT = 1_000_000
+"""The largest ``max_tokens`` accepted (each model has its own, lower limit: the upstream enforces it)."""
+StopSequence = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
 
-class ChatCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    """The common sampling parameters, sent to the upstream as given; those left out (or null) are not sent.
+
+    On a run, each one set overrides the chat's. A model may ignore some of them (the demo model does).
+    """
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    """Most tokens the model may generate in one turn."""
+    stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(min_length=1, max_length=4)] | None = None
+    """Up to 4 sequences where the model stops."""
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    """Ask for deterministic sampling, where the model supports it."""
+
+
+def sampling_dict(body: Sampling) -> dict[str, Any]:
+    """The sampling parameters a body sets, by name (what goes into the upstream request)."""
+    return {name: value for name in Sampling.__struct_fields__ if (value := getattr(body, name)) is not None}
+
+
+class ChatCreate(Sampling, frozen=True, forbid_unknown_fields=True):
     """A new chat; every field is optional and becomes the default of the chat's runs."""
 
     model: Name | None = None
@@ -76,7 +101,7 @@ class ChatCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     response_format: ResponseFormat | None = None
 
 
-class RunCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class RunCreate(Sampling, frozen=True, forbid_unknown_fields=True):
     """A user message and the options of the run that answers it."""
 
     message: str | list[ContentPart]
@@ -89,8 +114,8 @@ class RunCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``cancel`` stops the run when its last reader disconnects; by default it goes on."""
 
 
-class ChatOut(msgspec.Struct, frozen=True):
-    """A chat, with its messages when fetched alone."""
+class ChatOut(Sampling, frozen=True):
+    """A chat, with its messages when fetched alone; the sampling parameters it was not given are null."""
 
     id: str
     model: str
@@ -198,12 +223,13 @@ def run_options(body: RunCreate, settings: Settings) -> RunOptions:
         tools=body.tools,
         mcp_servers=body.mcp_servers,
         on_disconnect=body.on_disconnect,
+        sampling=sampling_dict(body),
     )
 
 
 def chat_out(chat: Chat, messages: list[Message] | None = None) -> ChatOut:
     """A stored chat as the API shows it (its owner stays inside)."""
-    return msgspec.convert({**msgspec.structs.asdict(chat), "messages": messages}, ChatOut)
+    return msgspec.convert({**msgspec.structs.asdict(chat), **(chat.sampling or {}), "messages": messages}, ChatOut)
 
 
 def run_out(record: RunRecord) -> RunOut:

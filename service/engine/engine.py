@@ -85,7 +85,8 @@ class RunRequest:
     """Id the final assistant message will be stored under."""
     response_format: dict[str, Any] | None = None
     toolbox: ToolRunner | None = None
-    extra: dict[str, Any] = field(default_factory=dict[str, Any])
+    sampling: dict[str, Any] = field(default_factory=dict[str, Any])
+    """Sampling parameters (``temperature``, ``max_tokens``, ...), sent in the request body as they are."""
 
 
 class ChatEngine:
@@ -158,7 +159,7 @@ class ChatEngine:
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **request.extra,
+            **request.sampling,
         }
         if request.response_format:
             body["response_format"] = request.response_format

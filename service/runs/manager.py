@@ -40,7 +40,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import msgspec
@@ -102,6 +102,8 @@ class RunOptions:
     tools: list[str] | None = None
     mcp_servers: list[str] | None = None
     on_disconnect: OnDisconnect = "continue"
+    sampling: dict[str, Any] = field(default_factory=dict[str, Any])
+    """Sampling parameters set for this run (``temperature``, ...): each overrides the chat's."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +311,7 @@ class RunManager:
             message_id=message_id,
             response_format=options.response_format or chat.response_format,
             toolbox=toolbox,
+            sampling={**chat.sampling, **options.sampling} if chat.sampling else options.sampling,
         )
         if self._journal is not None:
             self._journal.track(record, transcript)

@@ -73,6 +73,8 @@ class Chat(msgspec.Struct, frozen=True, kw_only=True):
     tools: list[str] | None = None
     mcp_servers: list[str] | None = None
     response_format: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    """The sampling parameters the chat was created with (only those set), sent with each of its runs."""
     owner: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0

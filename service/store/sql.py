@@ -102,6 +102,7 @@ chats_table = sa.Table(
     sa.Column("tools", _json()),
     sa.Column("mcp_servers", _json()),
     sa.Column("response_format", _json()),
+    sa.Column("sampling", _json()),
     sa.Column("owner", sa.String),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
@@ -261,8 +262,8 @@ def _sqlite_on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _run_migrations(connection: Connection) -> None:
-    """Apply every alembic revision up to head on ``connection`` (inside its transaction).
+def _run_migrations(connection: Connection, target: str = "head") -> None:
+    """Apply every alembic revision up to ``target`` (head) on ``connection`` (inside its transaction).
 
     Workers and hosts that start together take turns: on PostgreSQL the first to take the advisory
     lock migrates and the others, once it commits, find the schema at head (on SQLite the write
@@ -278,7 +279,7 @@ def _run_migrations(connection: Connection) -> None:
     config.attributes["connection"] = connection
     config.attributes["target_metadata"] = metadata
     with _ALEMBIC_LOCK:
-        command.upgrade(config, "head")
+        command.upgrade(config, target)
 
 
 # --- the store ---------------------------------------------------------------------------------

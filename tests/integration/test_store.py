@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.store.base import Chat, Message, Role, StoredRun, StoreUnavailableError, ToolCallRecord, UsageRecord
-from service.store.sql import SqlChatStore
+from service.store.sql import SqlChatStore, _run_migrations  # pyright: ignore[reportPrivateUsage]
 
 POSTGRES = pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.xdist_group("postgres")])
 
@@ -86,6 +86,7 @@ async def test_create_and_get_chat_round_trips_every_field(store: SqlChatStore) 
         tools=["search", "clock"],
         mcp_servers=["files"],
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+        sampling={"temperature": 0.25, "top_p": 0.5, "max_tokens": 64, "stop": ["END", "##"], "seed": -7},
         owner="alice",
         created_at=1700000000.123456,
         updated_at=1700000001.5,
@@ -668,6 +669,23 @@ def test_migrate_from_the_command_line(tmp_path: Path) -> None:
         journal_mode = db.execute("PRAGMA journal_mode").fetchone()[0]
     assert {"chats", "messages", "alembic_version"} <= tables
     assert journal_mode == "wal"
+
+
+async def test_chats_stored_before_revision_0003_read_back_without_sampling(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url.replace("+aiosqlite", ""))
+    with engine.begin() as conn:
+        _run_migrations(conn, "0002")
+        conn.execute(sa.text("INSERT INTO chats (id, model, created_at, updated_at) VALUES ('old', 'demo', 1, 2)"))
+    engine.dispose()
+    store = SqlChatStore(url)
+    await store.start()  # upgrades to head
+    try:
+        assert await store.get_chat("old") == Chat(id="old", model="demo", created_at=1, updated_at=2)
+        await store.create_chat(Chat(id="new", model="demo", sampling={"seed": 1}))
+        assert (await store.get_chat("new") or Chat(id="?", model="?")).sampling == {"seed": 1}
+    finally:
+        await store.close()
 
 
 # --- contention (ACCEPTANCE L5) ----------------------------------------------------------------
