@@ -26,6 +26,7 @@ from litestar.openapi.spec import Components
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.static_files import create_static_files_router  # pyright: ignore[reportUnknownVariableType]
 
+from service.api.ai_sdk import AiSdkChatController
 from service.api.auth import AUTH_MIDDLEWARE, EXCLUDE_FROM_AUTH, SECURITY_SCHEMES, quiet_refused_handshakes
 from service.api.chats import ChatController
 from service.api.deps import DEPENDENCIES
@@ -60,7 +61,8 @@ WEB_DIR = Path(__file__).parent / "web"
 API_DESCRIPTION = """One chat engine behind two transports: request-bound SSE (`POST /v1/chats/{chat_id}/runs/stream`,
 or `POST /v1/chats/{chat_id}/runs` with `Accept: text/event-stream`), resumable SSE (`GET /v1/runs/{run_id}/stream`;
 `GET /v1/runs/{run_id}/events` for `EventSource`, which a finished run answers `204`), and a multiplexed
-WebSocket at `/v1/ws` (described in `openapi/asyncapi.yaml`). Every error has the shape
+WebSocket at `/v1/ws` (described in `openapi/asyncapi.yaml`); the Vercel AI SDK's chat protocol
+(`DefaultChatTransport`) at `/v1/ai-sdk/chat` runs on the same runs. Every error has the shape
 `{"error": {"code", "message", "detail"}}`. Clients must ignore event types they do not know."""
 
 
@@ -211,6 +213,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         HealthController,
         ChatController,
         RunController,
+        AiSdkChatController,
         CatalogController,
         chat_socket,
         create_ws_token,

@@ -13,7 +13,8 @@ app's ``OpenAPIConfig.render_plugins`` (the Scalar UI at ``/schema`` loads its d
 
 Post-processing (each is a deliberate deviation from Litestar's output):
 
-1. Every ``text/event-stream`` response's ``schema`` is the event union with a ``discriminator``
+1. Every ``text/event-stream`` response's ``schema`` is the event union (or, for the AI SDK's
+   endpoints, the union of UI message stream parts) with a ``discriminator``
    (``propertyName: type`` and a ``mapping`` of every tag to ``#/components/schemas/<Class>``);
    Litestar emits a bare ``oneOf``.
 2. The document stays ``"openapi": "3.1.0"`` by default and carries no ``itemSchema``. Decision:
@@ -56,6 +57,7 @@ import yaml
 from litestar import Litestar, Request
 from litestar.openapi.plugins import JsonRenderPlugin
 
+from service.api.ui_stream import AnyUiPart
 from service.events import AnyEvent
 
 JsonDict = dict[str, Any]
@@ -64,6 +66,8 @@ OasVersion = Literal["3.1.0", "3.2.0"]
 OPENAPI_PATH = Path("openapi/openapi.json")
 ASYNCAPI_PATH = Path("openapi/asyncapi.yaml")
 SSE = "text/event-stream"
+STREAM_UNIONS: tuple[object, ...] = (AnyEvent, AnyUiPart)
+"""What an event stream's items are: the run's events, or the AI SDK's UI message stream parts."""
 JSON = "application/json"
 ERROR_REF = "#/components/schemas/ErrorEnvelope"
 COMPONENTS = "#/components/schemas/"
@@ -246,9 +250,9 @@ def _document_event_stream(response: JsonDict, schemas: JsonDict, oas_version: O
         if not isinstance(tag, str):
             raise ValueError(f"event stream member {ref!r} has no `type` const: cannot build its discriminator")
         mapping[tag] = ref
-    expected = event_discriminator()
-    if mapping != expected["mapping"]:
-        raise ValueError(f"event stream union {sorted(mapping)} differs from AnyEvent {sorted(expected['mapping'])}")
+    expected = next((d for d in map(event_discriminator, STREAM_UNIONS) if d["mapping"] == mapping), None)
+    if expected is None:
+        raise ValueError(f"event stream union {sorted(mapping)} is neither AnyEvent nor AnyUiPart")
     data_schema: JsonDict = {"oneOf": [{"$ref": ref} for ref in members], "discriminator": expected}
     if oas_version == "3.1.0":
         media["schema"] = data_schema

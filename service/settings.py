@@ -70,6 +70,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """``retry:`` sent to EventSource clients."""
     sse_send_timeout_s: float = 30.0
     """A client that accepts no data for this long is disconnected."""
+    ai_sdk_resume_grace_s: float = 3.0
+    """How long an AI SDK chat's run outlives its stream's disconnect (a resume within it keeps the run)."""
 
     ws_max_frame_bytes: int = 262_144
     """A WebSocket frame larger than this gets an ``error`` frame (the transport closes past 1 MiB)."""

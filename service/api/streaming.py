@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from typing import Any, cast
 
 from litestar.types import ASGIApp
@@ -34,22 +35,37 @@ def sse_response(events: AsyncIterator[AnyEvent] | None, settings: Settings) -> 
     """
 
     async def frames() -> AsyncIterator[bytes]:
-        streams = metrics.OPEN_STREAMS.labels("sse")
-        streams.inc()
-        try:
-            yield b"retry: %d\n\n" % settings.sse_retry_ms
-            if events is not None:
-                async for event in events:
-                    yield sse_frame(event)
-        except errors.ServiceError as exc:  # the run backend stayed down: end the body; the client resumes
-            yield b": %s\n\n" % exc.code.encode()
-        finally:
-            streams.dec()
+        with open_stream():
+            try:
+                yield b"retry: %d\n\n" % settings.sse_retry_ms
+                if events is not None:
+                    async for event in events:
+                        yield sse_frame(event)
+            except errors.ServiceError as exc:  # the run backend stayed down: end the body; the client resumes
+                yield b": %s\n\n" % exc.code.encode()
 
+    return stream_response(frames(), settings)
+
+
+@contextlib.contextmanager
+def open_stream() -> Generator[None]:
+    """Count an open SSE stream (``chat_service_open_streams{transport="sse"}``) while the block runs."""
+    streams = metrics.OPEN_STREAMS.labels("sse")
+    streams.inc()
+    try:
+        yield
+    finally:
+        streams.dec()
+
+
+def stream_response(
+    frames: AsyncIterator[bytes], settings: Settings, headers: Mapping[str, str] = SSE_HEADERS
+) -> ASGIApp:
+    """An SSE response of pre-framed ``frames``, with heartbeats, the send timeout and disconnect detection."""
     return as_asgi(
         _EventStream(
-            frames(),
-            headers=SSE_HEADERS,
+            frames,
+            headers=dict(headers),
             ping=max(1, int(settings.sse_ping_s)),
             send_timeout=settings.sse_send_timeout_s,
         )

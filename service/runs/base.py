@@ -42,6 +42,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     status: RunStatus = "running"
     on_disconnect: OnDisconnect = "continue"
+    disconnect_grace_s: float = 0.0
+    """With ``on_disconnect="cancel"``: how long the run outlives its last reader (a reader back within it keeps it)."""
     owner: str = ""
     """The instance running it."""
     subject: str | None = None

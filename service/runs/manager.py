@@ -104,6 +104,8 @@ class RunOptions:
     on_disconnect: OnDisconnect = "continue"
     sampling: dict[str, Any] = field(default_factory=dict[str, Any])
     """Sampling parameters set for this run (``temperature``, ...): each overrides the chat's."""
+    disconnect_grace_s: float = 0.0
+    """With ``on_disconnect="cancel"``: how long the run outlives its last reader; one back within it keeps the run."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +172,7 @@ class RunManager:
         self._readers: set[Reader] = set()
         self.draining = False
         """The server is shutting down: no new runs, ``/readyz`` answers 503."""
+        self._drain_begun = asyncio.Event()
         self._drain_listeners: list[Callable[[], None]] = []
         self._drained: asyncio.Task[None] | None = None
 
@@ -193,6 +196,7 @@ class RunManager:
         if self.draining:
             return
         self.draining = True
+        self._drain_begun.set()
         log.info("draining: %d runs running, %d readers", len(self._tasks), len(self._readers))
         self._drained = asyncio.get_running_loop().create_task(self._drain(), name="drain")
         for listener in list(self._drain_listeners):
@@ -250,6 +254,7 @@ class RunManager:
             chat_id=chat.id,
             model=model,
             on_disconnect=options.on_disconnect,
+            disconnect_grace_s=options.disconnect_grace_s,
             subject=owner,
             created_at=time.time(),
         )
@@ -626,7 +631,7 @@ class RunManager:
             await self.backend.attach(record.id)
         reader = Reader(record.id, asyncio.current_task())
         self._readers.add(reader)
-        retries = _SNAPSHOT_RETRIES
+        retries, ended = _SNAPSHOT_RETRIES, False
         try:
             while True:
                 events = self._snapshot_then_tail(record.id) if snapshot else self.backend.read(record.id, after)
@@ -639,6 +644,7 @@ class RunManager:
                         if reader.stopping:
                             return
                         reader.waiting = True
+                    ended = True  # the log ended: the reader saw the terminal event
                     return
                 except base.CursorError as exc:  # older than the kept events: the state instead of them
                     if not retries:
@@ -661,7 +667,7 @@ class RunManager:
         finally:
             self._readers.discard(reader)
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
-            self._spawn(self._release(record))
+            self._spawn(self._release(record, ended))
 
     async def _snapshot_then_tail(self, run_id: str) -> AsyncIterator[AnyEvent]:
         """A ``run.snapshot`` through the last event logged now (never a terminal one), then the rest."""
@@ -683,10 +689,19 @@ class RunManager:
                 yield fold.event(run_id, event.seq - 1)
             yield event
 
-    async def _release(self, record: RunRecord) -> None:
+    async def _release(self, record: RunRecord, ended: bool) -> None:
+        """Count a reader less; the last reader of an ``on_disconnect="cancel"`` run that goes on cancels it.
+
+        With a grace (``disconnect_grace_s``), the reader is counted for that long after it left (or until
+        the drain begins), so one that comes back within it (a reload resuming the stream) keeps the run.
+        """
+        cancels = record.on_disconnect == "cancel" and not ended
         try:
+            if cancels and record.disconnect_grace_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drain_begun.wait(), record.disconnect_grace_s)
             remaining = await self.backend.detach(record.id)
-            if remaining == 0 and record.on_disconnect == "cancel":
+            if remaining == 0 and cancels:
                 await self.backend.request_cancel(record.id, "the last reader disconnected")
         except Exception:
             log.exception("run %s: could not release a reader", record.id, extra=record.log_fields)

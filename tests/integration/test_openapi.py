@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 import yaml
 
+from service.api.ui_stream import AnyUiPart
 from service.api.ws import ClientFrame, ServerFrame
 from service.app import create_app
 from service.events import AnyEvent
@@ -117,7 +118,8 @@ def test_check_fails_when_an_api_type_changes(tmp_path: Path) -> None:
 
 
 def test_sse_responses_carry_the_full_discriminator(committed: dict[str, Any]) -> None:
-    expected = {tag: f"#/components/schemas/{name}" for tag, name in _event_classes().items()}
+    events = {tag: f"#/components/schemas/{name}" for tag, name in _tagged_classes(AnyEvent).items()}
+    ui_parts = {tag: f"#/components/schemas/{name}" for tag, name in _tagged_classes(AnyUiPart).items()}
     streams = [
         (path, status, response["content"][SSE])
         for path, method, op in _operations(committed)
@@ -128,13 +130,16 @@ def test_sse_responses_carry_the_full_discriminator(committed: dict[str, Any]) -
         ("/v1/chats/{chat_id}/runs/stream", "200"),
         ("/v1/runs/{run_id}/events", "200"),
         ("/v1/runs/{run_id}/stream", "200"),
+        ("/v1/ai-sdk/chat", "200"),
+        ("/v1/ai-sdk/chat/{id}/stream", "200"),
     }
-    for _, _, media in streams:
+    for path, _, media in streams:
+        expected = ui_parts if path.startswith("/v1/ai-sdk/") else events  # the AI SDK's UI message stream parts
         schema = media["schema"]
         assert schema["discriminator"] == {"propertyName": "type", "mapping": expected}
         assert sorted(m["$ref"] for m in schema["oneOf"]) == sorted(expected.values())
         assert "itemSchema" not in media, "itemSchema is OAS 3.2: the committed document is 3.1.0"
-    for ref in expected.values():
+    for ref in [*events.values(), *ui_parts.values()]:
         assert ref.rsplit("/", 1)[1] in committed["components"]["schemas"]
     assert committed["openapi"] == "3.1.0"
 
@@ -149,8 +154,8 @@ def test_generated_clients_see_one_answer_per_streaming_operation(committed: dic
     assert success["StreamRunEvents"] == ["200", "204"]  # EventSource's stop signal, kept
 
 
-def _event_classes() -> dict[str, str]:
-    info = msgspec.inspect.type_info(AnyEvent)
+def _tagged_classes(union: object) -> dict[str, str]:
+    info = msgspec.inspect.type_info(union)
     assert isinstance(info, msgspec.inspect.UnionType)
     return {str(t.tag): t.cls.__name__ for t in info.types if isinstance(t, msgspec.inspect.StructType)}
 

@@ -242,7 +242,7 @@ def test_a_foreign_subjects_ids_give_only_404(live_url: str) -> None:
     for result in api.get_all_operations():
         operation = result.ok()
         names = {p.name for p in operation.path_parameters}
-        if not names:
+        if not names or not names <= ids.keys():  # the AI SDK's chat `id` is a name in the caller's own space
             continue
         strategy = operation.as_strategy(path_parameters={n: ids[n] for n in names}, headers=STRANGER)
 
