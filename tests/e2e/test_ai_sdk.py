@@ -5,7 +5,8 @@ nothing but ``api`` and the bearer header: a text answer with reasoning then a t
 a stop mid-answer, a stream cut by the network and resumed (``resumeStream``: the SDK's ``GET {api}/{id}/stream``),
 and a run whose upstream (scripted, over real HTTP) cuts the answer. It prints the UI messages each ended with;
 the assertions here go through them part by part, and check the service's side (the run cancelled, the
-stored answer under the UI message's id).
+stored answer under the UI message's id). The README's AI SDK example runs as written against a service with
+auth off, and every part shape the translator makes is checked against the package's own schema.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.openapi import event_discriminator
 from tests.support.auth import AUDIENCE, SECRET, hs256
 from tests.support.live_server import REPO_ROOT, ServiceProcess
 from tests.support.node import node_tools, npm_ci
+from tests.support.readme import readme_block
 from tests.support.upstream import ScriptedUpstream, cut, scripted_upstream, text
 from tests.unit.test_ui_stream import ALL_RUNS, parts
 
@@ -211,3 +213,18 @@ async def test_every_part_the_translator_makes_passes_the_sdks_own_schema() -> N
     assert {p["type"] for p in made} == set(event_discriminator(AnyUiPart)["mapping"])  # every kind, at least once
     refused = await run_node(AI_SDK_DIR / "validate-parts.mjs", {}, timeout=60, stdin=json.dumps(made).encode())
     assert json.loads(refused) == []
+
+
+async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's Node block, against the service as `just serve` runs it (auth off, the demo model)."""
+    env = {"SERVICE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chats.db'}", "SERVICE_DEMO_TOKEN_DELAY_MS": "5"}
+    example = AI_SDK_DIR / f"readme-example-{os.getpid()}.mjs"  # beside node_modules, so that "ai" resolves
+    example.write_text(readme_block("ai-sdk"), encoding="utf-8")
+    try:
+        async with ServiceProcess(env) as service:
+            output = await run_node(example, {"SERVICE_URL": service.url}, timeout=60)
+    finally:
+        example.unlink()
+    lines = output.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["step-start", "tool-clock", "step-start", "text"], output
+    assert lines[1].startswith('tool-clock {"datetime":') and lines[3].startswith("text The tool answered: ")
