@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from service.events import AnyEvent, RunFailed
 from service.runs.base import RunRecord
@@ -80,16 +81,12 @@ class RunJournal:
         if live is None:
             return None
         record, transcript = live
-        return StoredRun(
-            id=record.id,
-            chat_id=record.chat_id,
-            model=record.model,
-            message_id=transcript.message_id,
-            subject=record.subject,
+        return _stored(
+            record,
+            transcript,
             status=terminal_status(terminal),
             error_code=terminal.error.code if isinstance(terminal, RunFailed) else None,
             last_seq=transcript.seq + 1,  # the terminal event's
-            created_at=record.created_at,
             finished_at=time.time(),
         )
 
@@ -142,13 +139,17 @@ class RunJournal:
 
     @staticmethod
     def _running(record: RunRecord, transcript: Transcript) -> StoredRun:
-        return StoredRun(
-            id=record.id,
-            chat_id=record.chat_id,
-            model=record.model,
-            message_id=transcript.message_id,
-            subject=record.subject,
-            last_seq=transcript.seq,
-            created_at=record.created_at,
-            partial=transcript.messages("failed", INTERRUPTED),
-        )
+        return _stored(record, transcript, last_seq=transcript.seq, partial=transcript.messages("failed", INTERRUPTED))
+
+
+def _stored(record: RunRecord, transcript: Transcript, **state: Any) -> StoredRun:
+    """The run's stored record: who and what it is, and ``state`` (status, seq, partial answer, end)."""
+    return StoredRun(
+        id=record.id,
+        chat_id=record.chat_id,
+        model=record.model,
+        message_id=transcript.message_id,
+        subject=record.subject,
+        created_at=record.created_at,
+        **state,
+    )
