@@ -237,12 +237,14 @@ async def probe_as_stranger(alice_ids: list[tuple[str, str]], bob: Caller) -> No
             ("DELETE", "/v1/chats/{}", chat, fake_chat),
             ("GET", "/v1/chats/{}/active-run", chat, fake_chat),
             ("POST", "/v1/chats/{}/runs", chat, fake_chat),
+            ("POST", "/v1/chats/{}/runs/stream", chat, fake_chat),
             ("GET", "/v1/runs/{}", run, fake_run),
             ("GET", "/v1/runs/{}/events", run, fake_run),
+            ("GET", "/v1/runs/{}/stream", run, fake_run),
             ("POST", "/v1/runs/{}/cancel", run, fake_run),
             ("POST", "/v1/runs/{}/stream-token", run, fake_run),
         ]:
-            body = {"message": "hi"} if template.endswith("/runs") else None
+            body = {"message": "hi"} if "/runs" in template.removeprefix("/v1/runs") else None
             theirs = await bob.http.request(method, template.format(real), json=body)
             unknown = await bob.http.request(method, template.format(fake), json=body)
             _same_as_unknown(theirs, unknown, real, fake)
@@ -341,7 +343,10 @@ async def test_a_stream_token_opens_only_its_own_runs_events(secured: Service, a
     assert events[-1]["type"] in TERMINAL
     assert all(e["run_id"] == run for e in events)
 
-    assert (await secured.http.get(f"/v1/runs/{other}/events", params={"token": minted["token"]})).status_code == 401
+    _, same = await collect_events(secured.http, "GET", f"/v1/runs/{run}/stream", params={"token": minted["token"]})
+    assert same == events  # the other streaming operation takes it too
+    for path in (f"/v1/runs/{other}/events", f"/v1/runs/{other}/stream"):
+        assert (await secured.http.get(path, params={"token": minted["token"]})).status_code == 401
     tampered = minted["token"][:-3] + ("AAA" if not minted["token"].endswith("AAA") else "BBB")
     assert (await secured.http.get(f"/v1/runs/{run}/events", params={"token": tampered})).status_code == 401
     # only on the events endpoint: not as a query token elsewhere, nor as a bearer token
