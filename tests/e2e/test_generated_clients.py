@@ -37,7 +37,6 @@ TS_OUT = REPO_ROOT / "tests" / "e2e" / "generated" / "ts"
 PACKAGE = "chat_service_client"
 HELPER = REPO_ROOT / "clients" / "python" / "chat_service_events.py"
 CUT_AFTER = 4
-TOKEN = hs256("client-user", iss=None)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -100,6 +99,11 @@ def python_client(python_out: Path) -> Iterator[Any]:
             del sys.modules[name]
 
 
+def bearer_token() -> str:
+    """A JWT the live service accepts for five minutes from now (one minted at import time expired in long runs)."""
+    return hs256("client-user", iss=None)
+
+
 def _helper() -> Any:
     return importlib.import_module(HELPER.stem)
 
@@ -119,7 +123,7 @@ def test_python_client_drives_arun(python_client: Any, live_url: str) -> None:
     refused = chats.create_chat.sync_detailed(client=anonymous, body=models.ChatCreate(model="demo"))
     assert refused.status_code == 401
 
-    token = {"token": TOKEN, "raise_on_unexpected_status": True, "timeout": None}
+    token = {"token": bearer_token(), "raise_on_unexpected_status": True, "timeout": None}
     with python_client.AuthenticatedClient(base_url=live_url, **token) as client:
         chat = chats.create_chat.sync_detailed(client=client, body=models.ChatCreate(model="demo"))
         assert chat.status_code == 201, chat.content
@@ -180,7 +184,7 @@ async def test_python_helper_streams_on_the_async_client(python_client: Any, liv
     chats = importlib.import_module(f"{PACKAGE}.api.chats")
     models = importlib.import_module(f"{PACKAGE}.models")
     helper = _helper()
-    async with python_client.AuthenticatedClient(base_url=live_url, token=TOKEN, timeout=None) as client:
+    async with python_client.AuthenticatedClient(base_url=live_url, token=bearer_token(), timeout=None) as client:
         chat = await chats.create_chat.asyncio(client=client, body=models.ChatCreate(model="demo"))
         events = [e async for e in helper.astart_run(client, chat.id, models.RunCreate(message="Hi"))]
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
@@ -268,7 +272,7 @@ def _bin(name: str) -> str:
 
 def test_typescript_client_streams_and_resumes(ts_client: Path, live_url: str) -> None:
     run([_bin("tsc"), "-p", "tsconfig.json", "--strict", "--noEmit"], TS_DIR, 180)  # no cast, exhaustive switch
-    env = {**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": TOKEN}
+    env = {**os.environ, "SERVICE_URL": live_url, "SERVICE_TOKEN": bearer_token()}
     output = run([_bin("tsx"), "e2e.ts"], TS_DIR, 120, env=env)
     assert output.startswith("OK:"), output
     print(output)
