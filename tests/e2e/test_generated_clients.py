@@ -181,11 +181,11 @@ def test_python_client_drives_arun(python_client: Any, live_url: str) -> None:
 
 
 async def test_python_helper_streams_on_the_async_client(python_client: Any, live_url: str) -> None:
-    chats = importlib.import_module(f"{PACKAGE}.api.chats")
+    create_chat = importlib.import_module(f"{PACKAGE}.api.chats.create_chat")  # not imported by the package
     models = importlib.import_module(f"{PACKAGE}.models")
     helper = _helper()
     async with python_client.AuthenticatedClient(base_url=live_url, token=bearer_token(), timeout=None) as client:
-        chat = await chats.create_chat.asyncio(client=client, body=models.ChatCreate(model="demo"))
+        chat = await create_chat.asyncio(client=client, body=models.ChatCreate(model="demo"))
         events = [e async for e in helper.astart_run(client, chat.id, models.RunCreate(message="Hi"))]
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert isinstance(events[-1], models.RunCompleted)
