@@ -38,7 +38,13 @@ TOKEN = hs256("ai-sdk-user", iss=None)
 GRACE_S = 3.0
 DEMO_ANSWER = "Hello! I am the demo model, answering offline. You said: "
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="module")]
+# One worker: the module-wide fixtures (the service, npm ci, the generated client) are set up once
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("ai-sdk"),
+    pytest.mark.timeout(300),
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 
 @dataclass

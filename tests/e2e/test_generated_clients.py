@@ -38,7 +38,8 @@ PACKAGE = "chat_service_client"
 HELPER = REPO_ROOT / "clients" / "python" / "chat_service_events.py"
 CUT_AFTER = 4
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# One worker: the module-wide fixtures (the service, npm ci, the generated client) are set up once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("generated-clients"), pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,19 @@
 """Node.js packages of the suite: each directory under ``tests/e2e`` pins its own in a lock file.
 
 ``npm ci`` installs a directory's packages from its lock file the first time a test needs them (and
-again when the lock file changes); nothing is fetched while a test talks to the service.
+again when the lock file changes); nothing is fetched while a test talks to the service. One install
+at a time per directory, whatever the xdist worker: on a fresh clone two workers' ``npm ci`` of one
+directory raced (``ENOTEMPTY``, then a half-installed ``node_modules``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,5 +45,8 @@ def npm_ci(directory: Path, npm: str) -> None:
     """Install ``directory``'s locked packages unless ``node_modules`` already matches its lock file."""
     lock = directory / "package-lock.json"
     stamp = directory / "node_modules" / ".package-lock.json"
-    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
-        run([npm, "ci", "--no-audit", "--no-fund"], directory, 240)
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    with (Path(tempfile.gettempdir()) / f"npm-ci-{key}.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+        if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+            run([npm, "ci", "--no-audit", "--no-fund"], directory, 240)
