@@ -24,12 +24,10 @@ from typing import Any, Protocol, cast
 
 import httpx2
 import msgspec
-import openai
-from openai import RequestOptions
 
 from service import metrics
 from service.engine.chunks import ChunkUsage, SseDataDecoder
-from service.engine.providers import ProviderRegistry
+from service.engine.providers import ProviderRegistry, UpstreamClient
 from service.engine.state import TurnState, output_schema, usage_sum
 from service.engine.transport import READ_BODY
 from service.engine.upstream_errors import UPSTREAM_ERRORS, error_info, upstream_detail
@@ -151,7 +149,7 @@ class ChatEngine:
     @staticmethod
     @asynccontextmanager
     async def _completion(
-        client: openai.AsyncOpenAI, model: str, messages: list[dict[str, Any]], request: RunRequest, turn: int
+        client: UpstreamClient, model: str, messages: list[dict[str, Any]], request: RunRequest, turn: int
     ) -> AsyncGenerator[httpx2.Response]:
         """The turn's streamed chat completion, as the SDK's raw, unread HTTP response."""
         body: dict[str, Any] = {
@@ -165,7 +163,8 @@ class ChatEngine:
             body["response_format"] = request.response_format
         if request.toolbox is not None and (tools := request.toolbox.openai_tools()):
             body["tools"] = tools
-        # ``client.post`` is the SDK's documented way to send a request body of one's own: it builds,
+        # ``client.post`` is the SDK's documented way to send a request body of one's own (here as
+        # ``stream_post``, the same call with its options copied from a template): it builds,
         # authenticates, retries and maps errors exactly as ``chat.completions.create`` does, without
         # the typed wrapper's per-field transform of the params (``messages`` cost about 120 µs per
         # message of history, every turn) for a body that is plain JSON already. The body goes as
@@ -174,10 +173,7 @@ class ChatEngine:
         # schemas. The request's idempotency key (kept across the SDK's retries) is named after the
         # run and turn; left to the SDK, it would cost a ``uuid4()``, one ``getrandom`` system call,
         # per request.
-        options: RequestOptions = {"idempotency_key": f"{request.run_id}-{turn}"}
-        response = await client.post(
-            "/chat/completions", cast_to=httpx2.Response, content=_JSON.encode(body), options=options, stream=True
-        )
+        response = await client.stream_post("/chat/completions", _JSON.encode(body), f"{request.run_id}-{turn}")
         try:
             yield response
         finally:

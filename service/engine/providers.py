@@ -35,6 +35,9 @@ from typing import Any
 import httpx2
 import msgspec
 import openai
+from httpx2._client import USE_CLIENT_DEFAULT, BoundAsyncStream, UseClientDefault
+from httpx2._exceptions import request_context
+from httpx2._types import AuthTypes
 from openai._models import FinalRequestOptions
 
 from service.engine.demo import DemoTransport
@@ -84,17 +87,20 @@ _MAX_TEMPLATES = 64
 
 
 class UpstreamClient(openai.AsyncOpenAI):
-    """``AsyncOpenAI`` that builds each streamed completion's HTTP request from one made per provider.
+    """``AsyncOpenAI`` that builds each streamed completion's request options and HTTP request from templates.
 
-    The SDK's ``_build_request`` merges headers, base URL, query and timeout, and parses the URL
-    twice (its own merge, then httpx2's), for every request: about 300 µs of CPU per run start on
-    the bench machine, the same every time for a given client, since only the body changes from
-    one run's request to the next. Here the first request of a kind is built by the SDK, and the
-    next ones reuse its method, URL, headers (without ``Content-Length``) and extensions with a new
-    body (about 30 µs). Everything else is the SDK's: its retry loop (a retry is its own kind, for
-    its ``x-stainless-retry-count``), auth hooks, typed errors, timeouts. A request the cache does
-    not describe fully (custom headers, query, JSON or files instead of bytes, an idempotency
-    header, cookies the upstream set) is built by the SDK as usual.
+    Per request the SDK builds its options (``post`` runs ``FinalRequestOptions.construct``, which
+    deep-copies every field's default: ~35 µs) and then the HTTP request (``_build_request`` merges
+    headers, base URL, query and timeout and parses the URL twice: ~300 µs), the same every time
+    for a given client, since only the body changes from one run's request to the next. Here
+    ``stream_post`` copies a template of the options (~4 µs) and hands them to the SDK's own
+    ``request``; the first HTTP request of a kind is built by the SDK, and the next ones reuse its
+    method, URL, headers (without ``Content-Length``) and extensions with a new body, as a
+    ``stream=`` request (~7 µs: ``content=`` would re-derive and re-normalize every header).
+    Everything else is the SDK's: its retry loop (a retry is its own kind, for its
+    ``x-stainless-retry-count``), auth hooks, typed errors, timeouts. A request the cache does not
+    describe fully (custom headers, query, JSON or files instead of bytes, an idempotency header,
+    cookies the upstream set) is built by the SDK as usual.
     """
 
     _templates: dict[tuple[object, ...], tuple[str, httpx2.URL, httpx2.Headers, dict[str, object]]]
@@ -103,6 +109,11 @@ class UpstreamClient(openai.AsyncOpenAI):
     def user_agent(self) -> str:
         """The SDK's own (it names the client's class): upstreams see the same client as before."""
         return f"AsyncOpenAI/Python {self._version}"
+
+    async def stream_post(self, path: str, content: bytes, idempotency_key: str) -> httpx2.Response:
+        """``post(path, cast_to=httpx2.Response, content=..., stream=True)``, its options copied from a template."""
+        options = _POST_OPTIONS.model_copy(update={"url": path, "content": content, "idempotency_key": idempotency_key})
+        return await self.request(httpx2.Response, options, stream=True)
 
     def _build_request(self, options: FinalRequestOptions, *, retries_taken: int = 0) -> httpx2.Request:
         content = options.content
@@ -117,8 +128,12 @@ class UpstreamClient(openai.AsyncOpenAI):
             headers = httpx2.Headers([(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"])
             templates[key] = (request.method, request.url, headers, dict(request.extensions))
             return request
-        method, url, headers, extensions = template
-        return httpx2.Request(method, url, headers=headers, content=content, extensions=extensions)
+        method, url, template_headers, extensions = template
+        headers = httpx2.Headers(template_headers)  # a copy of the list, nothing re-normalized
+        headers["Content-Length"] = str(len(content))  # last, where the SDK's request has it
+        request = httpx2.Request(method, url, headers=headers, stream=httpx2.ByteStream(content), extensions=extensions)
+        request.read()
+        return request
 
     def _template_key(self, options: FinalRequestOptions, retries_taken: int) -> tuple[object, ...] | None:
         """What the SDK's request depends on besides the body; None when a template cannot stand for it."""
@@ -145,10 +160,83 @@ class UpstreamClient(openai.AsyncOpenAI):
         )
 
 
+_POST_OPTIONS = FinalRequestOptions.construct(method="post", url="/", json_data=None, content=b"", files=None)
+"""What ``post(path, content=...)`` constructs; ``model_copy`` makes each request's (the SDK copies its options
+shallowly too, once per request and once per try, so it never mutates them in place)."""
+
+
+class UpstreamHttpClient(openai.DefaultAsyncHttpxClient):
+    """The SDK's HTTP client (its defaults), handing a request straight to its transport when nothing is in between.
+
+    ``AsyncClient.send`` goes through auth, redirect and hook handling before the transport:
+    ~20 µs per request, for nothing when the client has no auth, no hooks and no mounts. That
+    case is done here as ``_send_single_request`` does it (the response bound to its request and
+    start time, cookies kept, the default encoding, the INFO line); a redirect is followed by
+    ``send`` from its next request, and a client with auth, hooks or mounts sends everything
+    through ``send``. (httpx2 private names used: ``BoundAsyncStream``, ``request_context``,
+    ``_build_redirect_request``; ``tests/unit/test_upstream_client.py`` compares both sends.)
+    """
+
+    async def send(  # noqa: D102
+        self,
+        request: httpx2.Request,
+        *,
+        stream: bool = False,
+        auth: AuthTypes | UseClientDefault | None = USE_CLIENT_DEFAULT,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> httpx2.Response:
+        if auth is not USE_CLIENT_DEFAULT or not self._direct():
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        start = time.perf_counter()
+        with request_context(request=request):
+            response = await self._transport.handle_async_request(request)
+        response.request = request
+        response.stream = BoundAsyncStream(response.stream, start=start)  # pyright: ignore[reportArgumentType]
+        if "set-cookie" in response.headers:
+            self.cookies.extract_cookies(response)
+        response.default_encoding = self._default_encoding
+        if _HTTP_LOG.isEnabledFor(logging.INFO):
+            _HTTP_LOG.info(
+                'HTTP Request: %s %s "%s %d %s"',
+                request.method,
+                request.url,
+                response.http_version,
+                response.status_code,
+                response.reason_phrase,
+            )
+        if response.has_redirect_location:
+            follow = self.follow_redirects if isinstance(follow_redirects, UseClientDefault) else follow_redirects
+            try:
+                redirect = self._build_redirect_request(request, response)
+                if not follow:
+                    response.next_request = redirect
+                    return response
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+            followed = await super().send(redirect, stream=stream, auth=auth, follow_redirects=follow_redirects)
+            followed.history = [response, *followed.history]
+            return followed
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
+
+    def _direct(self) -> bool:
+        return not (self.is_closed or self._auth or self._mounts or any(self._event_hooks.values()))
+
+
+_HTTP_LOG = logging.getLogger("httpx2")
+
+
 class Provider:
     """A configured upstream, its SDK client, and its model list (see the module docstring)."""
 
-    def __init__(self, name: str, config: ProviderConfig, client: openai.AsyncOpenAI, *, cache_s: float) -> None:
+    def __init__(self, name: str, config: ProviderConfig, client: UpstreamClient, *, cache_s: float) -> None:
         self.name = name
         self.config = config
         self.client = client
@@ -221,7 +309,7 @@ class ProviderRegistry:
             )
             self._providers[name] = Provider(name, config, client, cache_s=settings.models_cache_s)
 
-    def resolve(self, model_id: str | None) -> tuple[str, openai.AsyncOpenAI, str]:
+    def resolve(self, model_id: str | None) -> tuple[str, UpstreamClient, str]:
         """``(model id, client, upstream model name)`` for a model id; raises ``UnknownModelError``."""
         model_id = model_id or self.default_model
         if model_id == "demo" and "demo" in self._providers:
@@ -289,7 +377,7 @@ def _http_client() -> httpx2.AsyncClient | None:
     """
     if urllib.request.getproxies():
         return None
-    return openai.DefaultAsyncHttpxClient(transport=UpstreamTransport())
+    return UpstreamHttpClient(transport=UpstreamTransport())
 
 
 def _api_key(name: str, config: ProviderConfig) -> str:
