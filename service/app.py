@@ -42,7 +42,7 @@ from service.engine.engine import ChatEngine
 from service.engine.providers import ProviderRegistry
 from service.engine.tools import ToolCatalog
 from service.log_format import logging_plugins
-from service.logs import add_secrets, install_redaction
+from service.logs import add_secrets, install_redaction, quiet_dropped_streams
 from service.metrics import SKIP_HTTP_METRICS, forget_dead_workers
 from service.openapi import OpenAPIJsonPlugin
 from service.runs.base import RunBackend
@@ -151,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """Build the service from ``settings`` (default: read from the environment)."""
     settings = settings or Settings.from_env()
     install_redaction()
+    quiet_dropped_streams()
     providers = ProviderRegistry(settings)
     store = SqlChatStore(settings.database_url)
     hub = _mcp_hub(settings)

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from sse_starlette.sse import SendTimeoutError
 
 MASK = "***"
 
@@ -171,3 +172,29 @@ def redact_event(_: object, __: str, event: MutableMapping[str, Any]) -> Mutable
         if isinstance(value, str):
             event[key] = redact(value)
     return event
+
+
+class _DroppedStreamFilter(logging.Filter):
+    """Leaves out the ASGI server's traceback for a stream dropped after its send timeout (its WARNING says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:  # Litestar re-raises it as the cause of "Exception caught after response started"
+            if isinstance(exc, SendTimeoutError):
+                return False
+            exc = exc.__cause__
+        return True
+
+
+_DROPPED_STREAM_FILTER = _DroppedStreamFilter()
+
+
+def quiet_dropped_streams() -> None:
+    """A client that stopped reading is one WARNING line, not uvicorn's "Exception in ASGI application" (idempotent).
+
+    The stream's own WARNING (``service.api.streaming``) names the path and the timeout; uvicorn still
+    closes the connection, as it does for any response that ends with an exception.
+    """
+    server_log = logging.getLogger("uvicorn.error")
+    if _DROPPED_STREAM_FILTER not in server_log.filters:
+        server_log.addFilter(_DROPPED_STREAM_FILTER)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from typing import Any, cast
@@ -16,6 +17,8 @@ from starlette.types import Message, Receive, Scope, Send
 from service import errors, metrics
 from service.events import AnyEvent, sse_frame
 from service.settings import Settings
+
+log = logging.getLogger("service.sse")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DESCRIPTION = (
@@ -122,6 +125,13 @@ class _EventStream(EventSourceResponse):
             await self._stream_response(send)
         except asyncio.CancelledError:
             error = guard.cancelled()
+            if isinstance(error, SendTimeoutError):  # logged here once; the server's traceback is filtered out
+                log.warning(
+                    "%s %s: the client read nothing for %g s (SERVICE_SSE_SEND_TIMEOUT_S); its stream is dropped",
+                    scope["method"],
+                    scope["path"],
+                    self.send_timeout,
+                )
             if error is not None:
                 raise error from None
         finally:

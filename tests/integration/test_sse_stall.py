@@ -2,17 +2,20 @@
 
 The reader is a raw socket that sends its request and then never reads: nothing in the client
 library drains the connection behind the test's back. The server's side is watched through its
-open-streams gauge (the service runs in this process).
+open-streams gauge (the service runs in this process), and the drop is one WARNING line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from service import metrics
 from tests.integration.conftest import Service, ServiceFactory
@@ -44,8 +47,24 @@ async def stalled_reader(service: Service, chat: str) -> AsyncIterator[socket.so
         sock.close()
 
 
-async def test_a_reader_that_stops_reading_is_dropped_after_the_send_timeout(make_service: ServiceFactory) -> None:
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_reader_that_stops_reading_is_dropped_after_the_send_timeout(
+    make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = await make_service(sse_send_timeout_s=SEND_TIMEOUT_S, shutdown_grace_s=0.5)
+    seen = Records()
+    for name in ("uvicorn.error", "service.sse"):  # each one's own filters apply before its handlers
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", [*logger.handlers])  # the handler added next goes with the test
+        logger.addHandler(seen)
     chat = await service.create_chat()
     # About 200 KB/s of events for 60 s: with Linux's autotuned send buffer (up to 4 MB) the
     # reader took tens of seconds to be noticed.
@@ -68,3 +87,15 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_send_timeout(mak
     # The send timeout, an eighth more for the watchdog, and the time to fill the client's receive
     # buffer plus the server's 64 KB send buffer and transport buffer at 200 KB/s (about 1.5 s).
     assert dropped_after < SEND_TIMEOUT_S * 1.125 + 3.0, dropped_after
+    # One WARNING line that says what happened; before, uvicorn's ERROR "Exception in ASGI application"
+    # with the SendTimeoutError traceback, per stalled client.
+    lines = [(r.name, r.levelname, r.getMessage(), r.exc_info is not None) for r in seen.records]
+    assert lines == [
+        (
+            "service.sse",
+            "WARNING",
+            f"POST /v1/chats/{chat}/runs: the client read nothing for {SEND_TIMEOUT_S:g} s "
+            "(SERVICE_SSE_SEND_TIMEOUT_S); its stream is dropped",
+            False,
+        )
+    ]
