@@ -15,10 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from service import metrics
 from tests.integration.conftest import Service, ServiceFactory
+from tests.support.log_records import recorded
 from tests.support.upstream import finish, sleep, text
 
 SEND_TIMEOUT_S = 2.0
@@ -47,49 +46,36 @@ async def stalled_reader(service: Service, chat: str) -> AsyncIterator[socket.so
         sock.close()
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-async def test_a_reader_that_stops_reading_is_dropped_after_the_send_timeout(
-    make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_reader_that_stops_reading_is_dropped_after_the_send_timeout(make_service: ServiceFactory) -> None:
     service = await make_service(sse_send_timeout_s=SEND_TIMEOUT_S, shutdown_grace_s=0.5)
-    seen = Records()
-    for name in ("uvicorn.error", "service.sse"):  # each one's own filters apply before its handlers
-        logger = logging.getLogger(name)
-        monkeypatch.setattr(logger, "handlers", [*logger.handlers])  # the handler added next goes with the test
-        logger.addHandler(seen)
-    chat = await service.create_chat()
-    # About 200 KB/s of events for 60 s: with Linux's autotuned send buffer (up to 4 MB) the
-    # reader took tens of seconds to be noticed.
-    steps: list[Any] = []
-    for _ in range(12_000):
-        steps += [*text(WORD, pieces=1), sleep(0.005)]
-    service.upstream.enqueue(*steps, finish())
-    before = open_sse_streams()
-    readers = stalled_reader(service, chat)
-    await anext(readers)
-    async with asyncio.timeout(5):
-        while open_sse_streams() == before:
-            await asyncio.sleep(0.01)
-    opened = time.monotonic()
-    async with asyncio.timeout(30):
-        while open_sse_streams() > before:
-            await asyncio.sleep(0.05)
-    dropped_after = time.monotonic() - opened
-    await readers.aclose()
-    # The send timeout, an eighth more for the watchdog, and the time to fill the client's receive
-    # buffer plus the server's 64 KB send buffer and transport buffer at 200 KB/s (about 1.5 s).
-    assert dropped_after < SEND_TIMEOUT_S * 1.125 + 3.0, dropped_after
+    # A handler on each logger itself: each one's own filters apply before its handlers.
+    with recorded("uvicorn.error", "service.sse") as seen:
+        chat = await service.create_chat()
+        # About 200 KB/s of events for 60 s: with Linux's autotuned send buffer (up to 4 MB) the
+        # reader took tens of seconds to be noticed.
+        steps: list[Any] = []
+        for _ in range(12_000):
+            steps += [*text(WORD, pieces=1), sleep(0.005)]
+        service.upstream.enqueue(*steps, finish())
+        before = open_sse_streams()
+        readers = stalled_reader(service, chat)
+        await anext(readers)
+        async with asyncio.timeout(5):
+            while open_sse_streams() == before:
+                await asyncio.sleep(0.01)
+        opened = time.monotonic()
+        async with asyncio.timeout(30):
+            while open_sse_streams() > before:
+                await asyncio.sleep(0.05)
+        dropped_after = time.monotonic() - opened
+        await readers.aclose()
+        # The send timeout, an eighth more for the watchdog, and the time to fill the client's receive
+        # buffer plus the server's 64 KB send buffer and transport buffer at 200 KB/s (about 1.5 s).
+        assert dropped_after < SEND_TIMEOUT_S * 1.125 + 3.0, dropped_after
     # One WARNING line that says what happened; before, uvicorn's ERROR "Exception in ASGI application"
     # with the SendTimeoutError traceback, per stalled client.
-    lines = [(r.name, r.levelname, r.getMessage(), r.exc_info is not None) for r in seen.records]
+    warnings = [r for r in seen.records if r.levelno >= logging.WARNING]
+    lines = [(r.name, r.levelname, r.getMessage(), r.exc_info is not None) for r in warnings]
     assert lines == [
         (
             "service.sse",

@@ -19,6 +19,7 @@ import pytest
 from openai._models import FinalRequestOptions
 
 from service.engine.providers import UpstreamClient, UpstreamHttpClient
+from tests.support.log_records import recorded
 
 BASE_URL = "http://127.0.0.1:9/v1"
 
@@ -85,7 +86,7 @@ class Recorder(httpx2.AsyncBaseTransport):
         return httpx2.Response(status, headers=headers, stream=httpx2.ByteStream(b"data: [DONE]\n\n"))
 
 
-def recorded(transport: Recorder, http_client: type[httpx2.AsyncClient], **kwargs: Any) -> UpstreamClient:
+def upstream_client(transport: Recorder, http_client: type[httpx2.AsyncClient], **kwargs: Any) -> UpstreamClient:
     return UpstreamClient(base_url=BASE_URL, api_key="k", http_client=http_client(transport=transport), **kwargs)
 
 
@@ -97,8 +98,8 @@ async def test_stream_post_sends_what_post_sends_and_keeps_the_sdks_retries() ->
     body = b'{"model":"m","messages":[]}'
     answers = [(503, []), (429, [("retry-after-ms", "1")]), (200, [])]
     by_post, by_stream_post = Recorder(*answers), Recorder(*answers)
-    client = recorded(by_post, openai.DefaultAsyncHttpxClient, max_retries=2)
-    fast = recorded(by_stream_post, UpstreamHttpClient, max_retries=2)
+    client = upstream_client(by_post, openai.DefaultAsyncHttpxClient, max_retries=2)
+    fast = upstream_client(by_stream_post, UpstreamHttpClient, max_retries=2)
     for _ in range(2):  # the second time from the templates
         response = await client.post(
             "/chat/completions", cast_to=httpx2.Response, content=body, options={"idempotency_key": "r-0"}, stream=True
@@ -116,30 +117,18 @@ async def test_stream_post_sends_what_post_sends_and_keeps_the_sdks_retries() ->
     assert (failed.value.status_code, len(by_stream_post.sent)) == (500, 9)
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 async def test_the_direct_send_answers_as_httpx2s_send(monkeypatch: pytest.MonkeyPatch) -> None:
-    log, lines = logging.getLogger("httpx2"), Lines()
-    monkeypatch.setattr(log, "level", logging.INFO)
-    monkeypatch.setattr(log, "handlers", [*log.handlers])  # the handler added next goes with the test
-    log.addHandler(lines)
+    monkeypatch.setattr(logging.getLogger("httpx2"), "level", logging.INFO)
     cookie, redirect = ("set-cookie", "session=abc; Path=/"), ("location", f"{BASE_URL}/elsewhere")
     answers = [(200, [cookie]), (307, [redirect]), (200, [])]
     results: list[tuple[object, ...]] = []
     for http_client in (httpx2.AsyncClient, UpstreamHttpClient):
-        lines.lines.clear()
         transport = Recorder(*answers)
         client = http_client(transport=transport, follow_redirects=True)
-        first = await client.send(client.build_request("POST", f"{BASE_URL}/a", content=b"{}"), stream=True)
-        await first.aclose()
-        redirected = await client.send(client.build_request("POST", f"{BASE_URL}/b", content=b"{}"))
+        with recorded("httpx2") as lines:
+            first = await client.send(client.build_request("POST", f"{BASE_URL}/a", content=b"{}"), stream=True)
+            await first.aclose()
+            redirected = await client.send(client.build_request("POST", f"{BASE_URL}/b", content=b"{}"))
         results.append(
             (
                 first.request is transport.sent[0],
@@ -150,7 +139,7 @@ async def test_the_direct_send_answers_as_httpx2s_send(monkeypatch: pytest.Monke
                 redirected.status_code,
                 redirected.read(),
                 [r.status_code for r in redirected.history],
-                list(lines.lines),
+                lines.messages(),
             )
         )
     assert results[0] == results[1]
