@@ -192,8 +192,9 @@ _DROPPED_STREAM_FILTER = _DroppedStreamFilter()
 def quiet_dropped_streams() -> None:
     """A client that stopped reading is one WARNING line, not uvicorn's "Exception in ASGI application" (idempotent).
 
-    The stream's own WARNING (``service.api.streaming``) names the path and the timeout; uvicorn still
-    closes the connection, as it does for any response that ends with an exception.
+    The stream's own WARNING (logger ``service.sse``, in ``service.api.streaming``) names the path and
+    the timeout; uvicorn still closes the connection, as it does for any response that ends with an
+    exception.
     """
     server_log = logging.getLogger("uvicorn.error")
     if _DROPPED_STREAM_FILTER not in server_log.filters:
