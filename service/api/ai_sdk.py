@@ -169,18 +169,22 @@ async def _replay(caller: RunCaller, run_id: str) -> ASGIApp:
     return ui_stream_response(events, caller.settings)
 
 
-def ui_stream_response(events: AsyncIterator[AnyEvent], settings: Settings) -> ASGIApp:
-    """``events`` as a UI message stream: one ``data`` line per part, ``[DONE]`` after the terminal event."""
+def ui_stream_response(batches: AsyncIterator[list[AnyEvent]], settings: Settings) -> ASGIApp:
+    """Events as a UI message stream: one ``data`` line per part, ``[DONE]`` after the terminal event.
+
+    The parts of a batch of events go out as one body message.
+    """
 
     async def frames() -> AsyncIterator[bytes]:
         translator = UiStreamTranslator()
         with open_stream():
             try:
-                async for event in events:
-                    for part in translator.parts(event):
-                        yield ui_frame(part)
-                    if is_terminal(event):
-                        yield DONE_FRAME
+                async for batch in batches:
+                    lines = [ui_frame(part) for event in batch for part in translator.parts(event)]
+                    if is_terminal(batch[-1]):
+                        lines.append(DONE_FRAME)
+                    if lines:
+                        yield b"".join(lines)
             except errors.ServiceError as exc:  # the run backend stayed down: the SDK shows it (and may resume)
                 yield ui_frame(UiError(f"{exc.code}: {exc.message}"))
 

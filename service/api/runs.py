@@ -147,7 +147,7 @@ class RunController(Controller):
 
 async def _open_events(
     caller: RunCaller, run_id: str, after: int, snapshot: bool, last_event_id: str | None
-) -> AsyncIterator[AnyEvent] | None:
+) -> AsyncIterator[list[AnyEvent]] | None:
     start = after if last_event_id is None else _cursor(last_event_id)
     return await caller.runs.open_events(run_id, start, caller.principal.owner, snapshot=snapshot)
 

@@ -31,19 +31,20 @@ SSE_DESCRIPTION = (
 )
 
 
-def sse_response(events: AsyncIterator[AnyEvent] | None, settings: Settings) -> ASGIApp:
-    """Stream ``events`` as SSE: ``retry:`` first, then one pre-framed ``id``/``data`` event per event.
+def sse_response(batches: AsyncIterator[list[AnyEvent]] | None, settings: Settings) -> ASGIApp:
+    """Stream events as SSE: ``retry:`` first, then one pre-framed ``id``/``data`` event per event.
 
-    ``None`` (a finished run with nothing left to send) is a stream with no event.
+    A batch of events goes out as one body message (one write); ``None`` (a finished run with nothing
+    left to send) is a stream with no event.
     """
 
     async def frames() -> AsyncIterator[bytes]:
         with open_stream():
             try:
                 yield b"retry: %d\n\n" % settings.sse_retry_ms
-                if events is not None:
-                    async for event in events:
-                        yield sse_frame(event)
+                if batches is not None:
+                    async for batch in batches:
+                        yield b"".join([sse_frame(event) for event in batch])
             except errors.ServiceError as exc:  # the run backend stayed down: end the body; the client resumes
                 yield b": %s\n\n" % exc.code.encode()
 

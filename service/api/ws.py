@@ -283,7 +283,7 @@ class _Session:
         record = await self.runs.cancel(frame.run_id, self.owner)
         await self.send(RunCancelAck(record.id, record.status, record.last_seq))
 
-    def _follow(self, run_id: str, events: AsyncIterator[AnyEvent]) -> None:
+    def _follow(self, run_id: str, events: AsyncIterator[list[AnyEvent]]) -> None:
         previous = self.followers.pop(run_id, None)
         if previous is not None:
             previous.cancel()
@@ -296,9 +296,10 @@ class _Session:
             del self.followers[run_id]
         self._close_if_drained()
 
-    async def _pump(self, events: AsyncIterator[AnyEvent]) -> None:
-        async for event in events:
-            await self.send(event)
+    async def _pump(self, batches: AsyncIterator[list[AnyEvent]]) -> None:
+        async for batch in batches:
+            for event in batch:
+                await self.send(event)
 
 
 def parse_frame(text: str | None, max_bytes: int, max_depth: int = 64) -> ClientFrame | ErrorFrame:

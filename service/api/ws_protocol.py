@@ -2,8 +2,9 @@
 
 ``python -m service`` uses it, and so does the README's production command
 (``uvicorn ... --ws service.api.ws_protocol:WebSocketProtocol``). It is uvicorn's own
-``WebSocketsSansIOProtocol`` with six intentional divergences, the first five measured by
-``tests/integration/test_ws_hostile.py``, the sixth by ``tests/integration/test_shutdown.py``:
+``WebSocketsSansIOProtocol`` with seven intentional divergences, the first five measured by
+``tests/integration/test_ws_hostile.py``, the sixth by ``tests/integration/test_shutdown.py``, the
+seventh by ``just bench`` (decision 73):
 
 1. **A message cap whatever ``--ws-max-size`` says.** A message over :data:`MAX_MESSAGE_BYTES` (1 MiB)
    is closed with 1009 while it is read; uvicorn's default would buffer up to 16 MiB first.
@@ -24,6 +25,10 @@
    keeps streaming for the grace period and closes each socket itself once its runs have sent their
    terminal event (decision 46); a socket not yet accepted, or one whose app does not listen for
    the drain, is closed as uvicorn does.
+7. **Messages sent in one turn of the event loop leave in one write.** uvicorn writes each
+   ``websocket.send`` to the socket at once, one system call per frame; here the frame is framed at
+   once (websockets keeps it, in order, with anything else it has to send) and written by a flush
+   at the end of the turn, so a batch of run events sent back to back is one write.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 
 from service.api.drain import server_drain
@@ -53,6 +60,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.writes_paused = False
         self.ping_allowance = float(PING_BURST)
         self.ping_refilled = time.monotonic()
+        self.flush_pending = False
 
     # -- divergence 2 ------------------------------------------------------------------------
 
@@ -122,3 +130,33 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self.handshake_complete and not self.close_sent and drain.heard:
             return  # the app closes the socket once its runs are done
         super().shutdown()
+
+    # -- divergence 7 ------------------------------------------------------------------------
+
+    async def send(self, message: Any) -> None:  # noqa: D102
+        if message["type"] != "websocket.send":
+            await super().send(message)  # the handshake, a close, an HTTP answer: uvicorn's, unchanged
+            return
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected
+        if not self.handshake_complete or self.close_sent or self.initial_response is not None:
+            await super().send(message)  # a message out of turn: uvicorn's answer to it
+            return
+        try:
+            if (data := message.get("bytes")) is not None:
+                self.conn.send_binary(data)
+            else:
+                self.conn.send_text(message["text"].encode())
+        except InvalidState as exc:
+            raise ClientDisconnected from exc
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what websockets holds to send (frames of this turn; a ping's or close's write takes it too)."""
+        self.flush_pending = False
+        data = self.conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(b"".join(data))

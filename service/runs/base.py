@@ -19,8 +19,9 @@ A backend whose server does not answer (Redis down, restarting or paused) raises
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Literal
 
 import msgspec
@@ -149,14 +150,23 @@ class RunBackend(ABC):
         """
 
     @abstractmethod
-    def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:
+    def read_batches(self, run_id: str, after: int) -> AsyncGenerator[list[AnyEvent]]:
         """Events with seq > ``after``: the log first, then live ones, ending after the terminal event.
 
+        They come in batches, each the events the log held past the previous batch when the reader
+        looked (never empty), so a reader that fell behind catches up in one step (decision 73).
         Raises (on first iteration) ``RunNotFoundError``, ``RunExpiredError``,
         or ``CursorError`` when ``after`` is negative, beyond the log's end, or
         before its first kept event (and mid-read for a reader that falls
         behind the per-run cap).
         """
+
+    async def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:
+        """``read_batches``, one event at a time."""
+        async with contextlib.aclosing(self.read_batches(run_id, after)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
 
     @abstractmethod
     async def snapshot(self, run_id: str) -> RunSnapshot:

@@ -40,9 +40,9 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import msgspec
 from prometheus_client import Counter, Histogram
@@ -600,18 +600,18 @@ class RunManager:
 
     async def _terminal(self, record: RunRecord) -> None:
         """Return once the run's terminal event is in its log."""
-        events = self.backend.read(record.id, record.last_seq)
-        try:
-            async for event in events:
-                if is_terminal(event):
+        async with contextlib.aclosing(self.backend.read_batches(record.id, record.last_seq)) as batches:
+            async for batch in batches:
+                if is_terminal(batch[-1]):
                     return
-        finally:
-            await cast("AsyncGenerator[AnyEvent]", events).aclose()
 
     async def open_events(
         self, run_id: str, after: int, owner: str | None, *, snapshot: bool = False
-    ) -> AsyncIterator[AnyEvent] | None:
+    ) -> AsyncIterator[list[AnyEvent]] | None:
         """Events after ``after``, then live ones; None when a finished run has nothing left to send.
+
+        They come in batches, as the run backend's ``read_batches`` gives them: a transport sends a
+        batch together (decision 73).
 
         With ``snapshot``, or when ``after`` is older than the events still kept, a ``run.snapshot`` of
         the run so far comes first and then the events after it (decision 47). Raises 404/410 for
@@ -627,8 +627,8 @@ class RunManager:
             return None
         return self._follow(record, after, snapshot)
 
-    async def _follow(self, record: RunRecord, after: int, snapshot: bool) -> AsyncIterator[AnyEvent]:
-        """The run's events; raises ``errors.RunsUnavailableError`` once the backend is down past its bound."""
+    async def _follow(self, record: RunRecord, after: int, snapshot: bool) -> AsyncIterator[list[AnyEvent]]:
+        """The run's events in batches; raises ``errors.RunsUnavailableError`` once the backend is down too long."""
         with _backend_errors():
             await self.backend.attach(record.id)
         reader = Reader(record.id, asyncio.current_task())
@@ -636,13 +636,15 @@ class RunManager:
         retries, ended = _SNAPSHOT_RETRIES, False
         try:
             while True:
-                events = self._snapshot_then_tail(record.id) if snapshot else self.backend.read(record.id, after)
+                batches = (
+                    self._snapshot_then_tail(record.id) if snapshot else self.backend.read_batches(record.id, after)
+                )
                 reader.waiting = True
                 try:
-                    async for event in events:
+                    async for batch in batches:
                         reader.waiting = False
-                        yield event
-                        after = event.seq
+                        yield batch
+                        after = batch[-1].seq
                         if reader.stopping:
                             return
                         reader.waiting = True
@@ -671,25 +673,29 @@ class RunManager:
             # A task of its own: the reader may be inside a cancelled scope, where any await fails.
             self._spawn(self._release(record, ended))
 
-    async def _snapshot_then_tail(self, run_id: str) -> AsyncIterator[AnyEvent]:
+    async def _snapshot_then_tail(self, run_id: str) -> AsyncIterator[list[AnyEvent]]:
         """A ``run.snapshot`` through the last event logged now (never a terminal one), then the rest."""
         start = await self.backend.snapshot(run_id)
         upto = (await self.backend.get_run(run_id)).last_seq
-        fold, sent = SnapshotFold(start), start.seq >= upto
-        if sent:
-            yield start
-        async for event in self.backend.read(run_id, start.seq):
-            if not sent:
-                if event.seq <= upto and not is_terminal(event):
-                    fold.add(event)
-                    if event.seq < upto:
-                        continue
-                    sent = True
-                    yield fold.event(run_id, event.seq)
+        fold: SnapshotFold | None = SnapshotFold(start)
+        if start.seq >= upto:
+            fold = None
+            yield [start]
+        async with contextlib.aclosing(self.backend.read_batches(run_id, start.seq)) as batches:
+            async for batch in batches:
+                if fold is None:
+                    yield batch
                     continue
-                sent = True
-                yield fold.event(run_id, event.seq - 1)
-            yield event
+                folded = 0
+                for event in batch:
+                    if event.seq > upto or is_terminal(event):
+                        break
+                    fold.add(event)
+                    folded += 1
+                if folded == len(batch) and batch[-1].seq < upto:
+                    continue  # more to fold
+                yield [fold.event(run_id, batch[0].seq + folded - 1), *batch[folded:]]
+                fold = None
 
     async def _release(self, record: RunRecord, ended: bool) -> None:
         """Count a reader less; the last reader of an ``on_disconnect="cancel"`` run that goes on cancels it.

@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 
@@ -219,7 +219,7 @@ class MemoryRunBackend(RunBackend):
             size += len(encode_json(snapshot))
         return size
 
-    async def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:  # noqa: D102
+    async def read_batches(self, run_id: str, after: int) -> AsyncGenerator[list[AnyEvent]]:  # noqa: D102
         run = self._get(run_id)
         last = run.first_seq + len(run.events) - 1
         if after < 0 or after > last:
@@ -233,10 +233,9 @@ class MemoryRunBackend(RunBackend):
                 raise CursorError(f"events up to {run.first_seq - 1} are no longer kept")
             if index < len(run.events):
                 batch = run.events[index:]
-                for event in batch:
-                    yield event
-                    if is_terminal(event):
-                        return
+                yield batch
+                if is_terminal(batch[-1]):  # nothing follows a terminal event in the log
+                    return
                 cursor = batch[-1].seq
             elif run.record.finished_at is not None:
                 return

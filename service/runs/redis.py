@@ -76,7 +76,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from types import CoroutineType
 from typing import Any, Final, ParamSpec, TypeVar, cast
 
@@ -711,7 +711,7 @@ class RedisRunBackend(RunBackend):
             )
         return written == 1
 
-    async def read(self, run_id: str, after: int) -> AsyncIterator[AnyEvent]:
+    async def read_batches(self, run_id: str, after: int) -> AsyncGenerator[list[AnyEvent]]:
         """Replay, then tail (see ``RunBackend``); waits out a Redis outage of up to ``outage_s``.
 
         Past that it raises ``BackendUnavailableError``. A run that Redis no longer knows when it comes
@@ -735,7 +735,7 @@ class RedisRunBackend(RunBackend):
                 await asyncio.sleep(_RETRY_DELAY_S)
                 continue
             except RunNotFoundError:
-                yield RunFailed(run_id=run_id, seq=cursor + 1, error=ErrorInfo("runs_unavailable", _LOST))
+                yield [RunFailed(run_id=run_id, seq=cursor + 1, error=ErrorInfo("runs_unavailable", _LOST))]
                 return
             down_since = None
             if replaying:
@@ -744,10 +744,9 @@ class RedisRunBackend(RunBackend):
                 continue
             if batch[0].seq != cursor + 1:
                 raise CursorError(f"events {cursor + 1}..{batch[0].seq - 1} are no longer kept (reader too slow)")
-            for event in batch:
-                yield event
-                if is_terminal(event):
-                    return
+            yield batch
+            if is_terminal(batch[-1]):  # nothing follows a terminal event in the log
+                return
             cursor = batch[-1].seq
 
     @_bounded

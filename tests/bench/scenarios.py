@@ -92,6 +92,8 @@ class Target:
     ws_path: str
     needs_chats: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    uvicorn_args: tuple[str, ...] = ()
+    """Options added to the shared uvicorn command line."""
 
 
 def targets(upstream_url: str) -> dict[str, Target]:
@@ -127,6 +129,11 @@ def targets(upstream_url: str) -> dict[str, Target]:
             "/v1/ws",
             needs_chats=True,
             env=service_env,
+            # the README's production command: the service's own HTTP and WebSocket protocol classes
+            uvicorn_args=(
+                *("--http", "service.api.http_protocol:HttpProtocol"),
+                *("--ws", "service.api.ws_protocol:WebSocketProtocol"),
+            ),
         ),
     }
 
