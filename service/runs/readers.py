@@ -4,8 +4,8 @@ A reader is one ``RunManager.open_events`` iteration (an SSE response or a WebSo
 the instance drains, a reader of a run that goes on elsewhere (another instance owns it) is *stopped*:
 its iteration ends as if the log had ended, so an SSE body is completed and a WebSocket follower
 returns, and the client resumes on another instance. Stopping never cuts a send: a reader waiting
-for the next event is cancelled out of that wait (the cancel is taken back and the iteration ends),
-one handing out an event ends right after it.
+for the next events is cancelled out of that wait (the cancel is taken back and the iteration ends),
+one handing out a batch of events ends right after it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Reader:
         self.cancelled = False
 
     def stop(self) -> None:
-        """End the iteration: at once if it waits for an event, else after the event it hands out."""
+        """End the iteration: at once if it waits for events, else after the batch it hands out."""
         self.stopping = True
         if self.waiting and self.task is not None and not self.cancelled:
             self.cancelled = True
