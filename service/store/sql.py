@@ -58,7 +58,7 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection, Engine, Result, make_url
+from sqlalchemy.engine import Connection, Engine, FrozenResult, Result, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -533,13 +533,14 @@ class SqlChatStore(ChatStore):
         """``append_messages``, then the chat's messages, oldest first, in one transaction (one round trip)."""
         now = time.time()
 
-        def append_and_list(conn: Connection) -> list[Message]:
+        def append_and_list(conn: Connection) -> FrozenResult[Any]:
             _append(chat_id, messages, now, conn)
             if run is not None:
                 _save_run(run, conn)
-            return _structs(conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}), Message)
+            return conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).freeze()
 
-        return await self._write(append_and_list)
+        # The rows are converted after the write: not while the transaction (and the writer) waits.
+        return _structs((await self._write(append_and_list))(), Message)
 
     @_timed
     async def list_messages(self, chat_id: str) -> list[Message]:
