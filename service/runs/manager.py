@@ -82,10 +82,15 @@ _REMEMBERED_CHAT_CHARS = 64_000_000
 
 @dataclass
 class RunClock:
-    """When a run started and when its first output came (event loop time), for the line its end logs."""
+    """When a run started and when its first output came (event loop time), and its events so far.
+
+    For the line its end logs and the metrics its end counts (in ``counted``, its model's).
+    """
 
     started: float
+    counted: _RunMetrics
     first_output: float | None = None
+    events: int = 0
 
 
 class ToolSource(Protocol):
@@ -374,20 +379,19 @@ class RunManager:
         run_id = request.run_id
         bind_run(run_id, request.chat_id, request.model, transcript.owner)
         loop = asyncio.get_running_loop()
-        clock, events = RunClock(loop.time()), 0
+        clock = RunClock(loop.time(), _run_metrics(self.engine.providers.metric_labels(request.model)))
         terminal: AnyEvent | None = None
-        run_metrics = _run_metrics(self.engine.providers.metric_labels(request.model))
-        first_output = run_metrics.first_output
+        first_output = clock.counted.first_output
         metrics.ACTIVE_RUNS.inc()
         try:
             try:
                 async with contextlib.aclosing(self.engine.run(request)) as stream:  # closes the upstream on any exit
                     async for event in stream:
-                        events += 1
+                        clock.events += 1
                         if is_terminal(event):
                             terminal = event  # written by _end, once the engine has closed its upstream
                             continue
-                        if events == 3:  # after run.started and step.started: the model's first output
+                        if clock.events == 3:  # after run.started and step.started: the model's first output
                             clock.first_output = loop.time()
                             first_output.observe(clock.first_output - clock.started)
                         transcript.add(event)
@@ -420,9 +424,6 @@ class RunManager:
             self._ending.discard(run_id)
             if self._journal is not None:
                 self._journal.forget(run_id)
-            metrics.ACTIVE_RUNS.dec()
-            metrics.RUN_EVENTS.inc(events)
-            run_metrics.count(loop.time() - clock.started, transcript.usage)
 
     async def _end(self, transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
         """Store the answer, then append the terminal event: in a task of its own, which no cancel reaches.
@@ -441,6 +442,10 @@ class RunManager:
             raise
 
     async def _write_end(self, transcript: Transcript, terminal: AnyEvent, clock: RunClock) -> None:
+        # The run's metrics first: a client that has the terminal event finds the run counted.
+        metrics.ACTIVE_RUNS.dec()
+        metrics.RUN_EVENTS.inc(clock.events)
+        clock.counted.count(asyncio.get_running_loop().time() - clock.started, transcript.usage)
         try:
             terminal = await self._persist(transcript, terminal)
             _log_end(transcript, terminal, clock)
