@@ -1,4 +1,4 @@
-"""``uv run python -m tests.bench [--quick] [--scenario i,ii,iii,iv,v] [--targets floor,relay,service]``.
+"""``uv run python -m tests.bench [--quick] [--scenario i,ii,iii,iv,v] [--targets floor,floor_sdk,relay,service]``.
 
 Starts the fake upstream on the load core, then for every scenario, target and transport a
 fresh target process alone on the target core, measured from /proc while the load client
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller counts, about a minute")
     p.add_argument("--scenario", default="i,ii,iii,iv,v", help="comma list of i, ii, iii, iv, v (or 1 to 5)")
-    p.add_argument("--targets", default="floor,relay,service", help="comma list of floor, relay, service")
+    p.add_argument(
+        "--targets", default="floor,floor_sdk,relay,service", help="comma list of floor, floor_sdk, relay, service"
+    )
     p.add_argument("--transports", default="sse,ws", help="comma list of sse, ws")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json", help="JSON output file")
     p.add_argument("--clients", type=int, default=1, help="load-client processes per run")
@@ -77,7 +79,7 @@ async def main_async(args: argparse.Namespace) -> int:
     """Run every selected (scenario, target, transport) and report."""
     table = QUICK if args.quick else FULL
     scenarios = [table[n] for n in _names(args.scenario, set(table))]
-    chosen = _names(args.targets, {"floor", "relay", "service"})
+    chosen = _names(args.targets, {"floor", "floor_sdk", "relay", "service"})
     transports: list[Transport] = [t for t in ("sse", "ws") if t in _names(args.transports, {"sse", "ws"})]
     deadline = time.monotonic() + args.max_minutes * 60
     proc, port = await start_upstream(args.load_cpu)

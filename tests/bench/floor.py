@@ -31,10 +31,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 RUN_ID = "run_floor"
+ACCEPTED = '{"type":"run.accepted","client_ref":"c1","run_id":"%s"}' % RUN_ID  # noqa: UP031
+"""The answer to the client's ``run.create`` frame."""
 HEAD = 2
 """Events before the first delta (``run.started``, ``step.started``)."""
 _ENC = msgspec.json.Encoder()
-_SSE_HEADERS = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -104,7 +106,7 @@ async def _sse(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b""})
         return
     cfg = config_from(scope)
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
 
     async def emit(frame: bytes) -> None:
         await send({"type": "http.response.body", "body": frame, "more_body": True})
@@ -125,11 +127,11 @@ async def _ws(scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
-        await emit('{"type":"run.accepted","client_ref":"c1","run_id":"%s"}' % RUN_ID)  # noqa: UP031
+        await emit(ACCEPTED)
         await paced(ws_frames(cfg.tokens), cfg, emit)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
@@ -146,4 +148,4 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     elif scope["type"] == "websocket":
         await _ws(scope, receive, send)
     elif scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)

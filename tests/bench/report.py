@@ -125,10 +125,11 @@ def _steady_checks(rows: Sequence[Row], tr: str) -> list[dict[str, Any]]:
 
 
 def per_run(rows: Sequence[Row]) -> list[str]:
-    """Scenario (v): CPU per run of the three targets side by side."""
+    """Scenario (v): CPU per run of the four targets side by side."""
     lines = []
     for tr in ("sse", "ws"):
-        cells = [f"{t} {_cell(_get(_find(rows, t, tr, 'v'), 'cpu_us_per_run'))}" for t in ("floor", "relay", "service")]
+        targets = ("floor", "floor_sdk", "relay", "service")
+        cells = [f"{t} {_cell(_get(_find(rows, t, tr, 'v'), 'cpu_us_per_run'))}" for t in targets]
         lines.append(f"(v) {tr}: CPU us per run: " + ", ".join(cells) + " (target: service <= 500)")
     return lines
 

@@ -97,7 +97,7 @@ class Target:
 
 
 def targets(upstream_url: str) -> dict[str, Target]:
-    """The three targets, wired to the fake upstream at ``upstream_url`` (ending in ``/v1``)."""
+    """The four targets, wired to the fake upstream at ``upstream_url`` (ending in ``/v1``)."""
     service_env = {
         "SERVICE_OPENAI_BASE_URL": upstream_url,
         "SERVICE_OPENAI_API_KEY": "bench",
@@ -108,6 +108,16 @@ def targets(upstream_url: str) -> dict[str, Target]:
     return {
         "floor": Target(
             "floor", "(a) bare ASGI", "events", "tests.bench.floor:app", False, "/chat?{query}", "/ws?{query}"
+        ),
+        "floor_sdk": Target(
+            "floor_sdk",
+            "(a+) bare ASGI + SDK request",
+            "events",
+            "tests.bench.floor_sdk:create_app",
+            True,
+            "/chat?{query}",
+            "/ws?{query}",
+            env={"BENCH_UPSTREAM_URL": upstream_url},
         ),
         "relay": Target(
             "relay",
