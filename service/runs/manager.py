@@ -84,11 +84,11 @@ _REMEMBERED_CHAT_CHARS = 64_000_000
 class RunClock:
     """When a run started and when its first output came (event loop time), and its events so far.
 
-    For the line its end logs and the metrics its end counts (in ``counted``, its model's).
+    For the line its end logs and the metrics its end counts (``metrics``: its model's labelled ones).
     """
 
     started: float
-    counted: _RunMetrics
+    metrics: _RunMetrics
     first_output: float | None = None
     events: int = 0
 
@@ -381,7 +381,7 @@ class RunManager:
         loop = asyncio.get_running_loop()
         clock = RunClock(loop.time(), _run_metrics(self.engine.providers.metric_labels(request.model)))
         terminal: AnyEvent | None = None
-        first_output = clock.counted.first_output
+        first_output = clock.metrics.first_output
         metrics.ACTIVE_RUNS.inc()
         try:
             try:
@@ -445,7 +445,7 @@ class RunManager:
         # The run's metrics first: a client that has the terminal event finds the run counted.
         metrics.ACTIVE_RUNS.dec()
         metrics.RUN_EVENTS.inc(clock.events)
-        clock.counted.count(asyncio.get_running_loop().time() - clock.started, transcript.usage)
+        clock.metrics.count(asyncio.get_running_loop().time() - clock.started, transcript.usage)
         try:
             terminal = await self._persist(transcript, terminal)
             _log_end(transcript, terminal, clock)
