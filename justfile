@@ -39,6 +39,10 @@ migrate: sync
 bench *args: sync
     uv run python -m tests.bench {{args}}
 
+# CPU per run as one chat grows to 1,400 messages (the history a run's start reads)
+bench-history *args: sync
+    uv run python -m tests.bench.history {{args}}
+
 # Replay speed of a late reader and memory per finished run, for each run backend
 bench-resume *args: sync
     uv run python -m tests.bench.resume {{args}}

@@ -11,7 +11,11 @@ change once created, so this instance keeps the settings of recent chats
 (``remember_chat``, ``forget_chat`` on delete; at most 10,000 chats and 64 MB of
 their text) and skips a store read per run. A chat deleted through another
 instance is still caught: the user message's append finds no chat, and the
-start answers 404.
+start answers 404. A chat's messages are only ever appended, so it also keeps the
+newest messages a run of a recent chat sends (``transcript.recent``: they start no
+earlier for the next run) with the chat's message count, and the next run's append
+returns only the messages after those (the answer, what other instances added, the
+new question) instead of the whole history (at most 10,000 chats and 16 M characters).
 
 Every call names the caller's ``owner`` (``Principal.owner``: None with auth
 off). A chat or run of another owner answers exactly as an unknown one does (404,
@@ -59,7 +63,7 @@ from service.runs.journal import RunJournal
 from service.runs.memory import terminal_status
 from service.runs.readers import Reader
 from service.runs.snapshot import SnapshotFold
-from service.runs.transcript import Transcript, openai_history, recent
+from service.runs.transcript import RecentHistories, Transcript, openai_history
 from service.store.base import Chat, ChatStore, Message, StoredRun, StoreUnavailableError, UsageRecord
 
 log = logging.getLogger("service.runs")
@@ -78,6 +82,7 @@ _BACKEND_STOPS: dict[str, tuple[ErrorCode, str]] = {
 """Cancel reasons of the run backend's own; such a run ends (and is stored) as failed with that code."""
 _REMEMBERED_CHATS = 10_000
 _REMEMBERED_CHAT_CHARS = 64_000_000
+_REMEMBERED_HISTORY_CHARS = 16_000_000
 
 
 @dataclass
@@ -174,6 +179,9 @@ class RunManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._chats: OrderedDict[str, Chat] = OrderedDict()  # recent chats' settings, least recent first
         self._chat_chars = 0
+        self._histories = RecentHistories(
+            self.limits.max_history_chars, max_chats=_REMEMBERED_CHATS, max_kept_chars=_REMEMBERED_HISTORY_CHARS
+        )
         self._cancel_reasons: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._readers: set[Reader] = set()
@@ -304,8 +312,9 @@ class RunManager:
                 run_id=record.id,
                 created_at=time.time(),
             )
-            stored = await self.store.append_and_list(chat.id, [user], run=stored_run)
-            history = openai_history(chat.system, recent(stored, self.limits.max_history_chars))
+            known = self._histories.get(chat.id)
+            added = await self.store.append_and_list(chat.id, [user], run=stored_run, skip=known.count if known else 0)
+            history = openai_history(chat.system, self._histories.extend(chat.id, known, added))
         except StoreUnavailableError:
             failed = RunFailed(run_id=record.id, error=ErrorInfo("store_unavailable", "the chat store is down"))
             await self.backend.append(record.id, failed)
@@ -351,10 +360,11 @@ class RunManager:
             self._chat_chars -= _chat_chars(oldest)
 
     def forget_chat(self, chat_id: str) -> None:
-        """Drop a deleted chat's settings."""
+        """Drop a deleted chat's settings and messages."""
         chat = self._chats.pop(chat_id, None)
         if chat is not None:
             self._chat_chars -= _chat_chars(chat)
+        self._histories.forget(chat_id)
 
     async def chat(self, chat_id: str, owner: str | None) -> Chat:
         """The owner's chat (404 for an unknown chat and for another owner's)."""

@@ -4,11 +4,17 @@ A run with tool calls stores, in order: an assistant message carrying the
 calls, one ``tool`` message per result, then the final assistant message
 (id = the run's ``message_id``), whose ``status`` says whether the run
 completed, was cancelled or failed.
+
+Also the history a run sends: the newest whole turns that fit the cap (``recent``), what an
+instance keeps of recent chats so that a run's start reads only what was added since
+(``RecentHistories``), and the OpenAI ``messages`` list (``openai_history``).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from service.engine.state import openai_tool_call
@@ -118,7 +124,7 @@ class Transcript:
         return [*self._done, final]
 
 
-def _size(message: Message) -> int:
+def message_size(message: Message) -> int:
     """Characters a stored message adds to the model's input (text, image URLs, tool arguments)."""
     content = message.content
     if isinstance(content, str):
@@ -135,14 +141,87 @@ def recent(messages: list[Message], max_chars: int) -> list[Message]:
 
     The newest user message is always kept (its own length is capped when it is accepted).
     """
-    total, start = 0, len(messages)
-    for index in range(len(messages) - 1, -1, -1):
-        total += _size(messages[index])
-        if total > max_chars and start < len(messages):
-            break
-        if messages[index].role == "user":
-            start = index
-    return messages[start:] if start < len(messages) else messages
+    sizes = [message_size(message) for message in messages]
+    return messages[_recent_start(messages, sizes, sum(sizes), max_chars) :]
+
+
+def _recent_start(messages: list[Message], sizes: list[int], total: int, max_chars: int) -> int:
+    """Where ``recent`` starts: the oldest user message that fits with all after it, else the newest one.
+
+    ``total`` is ``sum(sizes)``; the walk stops at the start, so it costs what is dropped, not what is kept.
+    """
+    newest_user, suffix = 0, total  # no user message at all: everything
+    for index, message in enumerate(messages):
+        if message.role == "user":
+            if suffix <= max_chars:
+                return index
+            newest_user = index
+        suffix -= sizes[index]
+    return newest_user
+
+
+@dataclass(frozen=True)
+class KnownHistory:
+    """What an instance keeps of a chat's messages: the newest ones a run sends, and how many the chat had."""
+
+    count: int
+    """The chat's messages in the store up to the newest of ``messages``."""
+    messages: list[Message]
+    """The newest of them that fit the history cap (``recent``)."""
+    sizes: list[int]
+    """``message_size`` of each of ``messages``."""
+    total: int
+    """Their sum."""
+
+
+class RecentHistories:
+    """The newest messages of recent chats, least recent first, within a count and a size (``RunManager``).
+
+    A chat's messages are only ever appended, so the newest ones that fit the cap start no earlier
+    after an append than before it: the window kept from one run and the messages added since (the
+    answer, what other instances wrote, the new question) make the next run's window.
+    """
+
+    def __init__(self, max_chars: int, *, max_chats: int, max_kept_chars: int) -> None:
+        self.max_chars = max_chars
+        self._max_chats, self._max_kept = max_chats, max_kept_chars
+        self._chats: OrderedDict[str, KnownHistory] = OrderedDict()
+        self._kept = 0
+
+    def get(self, chat_id: str) -> KnownHistory | None:
+        """What is kept of the chat (its ``count`` is how many messages its next append may skip)."""
+        return self._chats.get(chat_id)
+
+    def extend(self, chat_id: str, known: KnownHistory | None, added: list[Message]) -> list[Message]:
+        """The messages a run sends: ``known`` (what ``get`` gave before the append) with the ``added`` ones.
+
+        ``added`` are the chat's messages after ``known.count`` (all of them without ``known``).
+        """
+        added_sizes = [message_size(message) for message in added]
+        if known is None:
+            count, messages, sizes, total = 0, added, added_sizes, sum(added_sizes)
+        else:
+            count, total = known.count, known.total + sum(added_sizes)
+            messages, sizes = [*known.messages, *added], [*known.sizes, *added_sizes]
+        start = _recent_start(messages, sizes, total, self.max_chars)
+        kept = KnownHistory(count + len(added), messages[start:], sizes[start:], total - sum(sizes[:start]))
+        self.forget(chat_id)
+        self._chats[chat_id] = kept
+        self._kept += _kept_chars(kept)
+        while len(self._chats) > self._max_chats or self._kept > self._max_kept:
+            _, oldest = self._chats.popitem(last=False)
+            self._kept -= _kept_chars(oldest)
+        return kept.messages
+
+    def forget(self, chat_id: str) -> None:
+        """Drop what is kept of a chat (deleted, or replaced by ``extend``)."""
+        gone = self._chats.pop(chat_id, None)
+        if gone is not None:
+            self._kept -= _kept_chars(gone)
+
+
+def _kept_chars(history: KnownHistory) -> int:
+    return history.total + 256 * len(history.messages)  # (a message's struct costs about that beside its text)
 
 
 def openai_history(system: str | None, messages: list[Message]) -> list[dict[str, Any]]:

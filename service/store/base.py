@@ -158,14 +158,15 @@ class ChatStore(ABC):
         """The chat's messages, oldest first."""
 
     async def append_and_list(
-        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None
+        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None, skip: int = 0
     ) -> list[Message]:
-        """Append ``messages`` like ``append_messages``, then return all the chat's messages, oldest first.
+        """Append ``messages`` like ``append_messages``, then return the chat's messages from ``skip`` on, oldest first.
 
         The start of a run needs both; a store may do them in one round trip (this default makes two).
+        Messages are only ever appended, so a caller that has the first ``skip`` already asks for the rest.
         """
         await self.append_messages(chat_id, messages, run=run)
-        return await self.list_messages(chat_id)
+        return (await self.list_messages(chat_id))[skip:]
 
     @abstractmethod
     async def get_run(self, run_id: str) -> StoredRun | None:

@@ -210,6 +210,8 @@ _LIST_MESSAGES = (
     .where(messages_table.c.chat_id == sa.bindparam("chat_id"))
     .order_by(messages_table.c.position)
 )
+_LIST_MESSAGES_AFTER = _LIST_MESSAGES.offset(sa.bindparam("skip", type_=sa.Integer))
+"""The chat's messages but the first ``skip`` (skipped on the ``(chat_id, position)`` index, never converted)."""
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -528,16 +530,16 @@ class SqlChatStore(ChatStore):
 
     @_timed
     async def append_and_list(
-        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None
+        self, chat_id: str, messages: list[Message], *, run: StoredRun | None = None, skip: int = 0
     ) -> list[Message]:
-        """``append_messages``, then the chat's messages, oldest first, in one transaction (one round trip)."""
+        """``append_messages``, then the chat's messages from ``skip`` on, in one transaction (one round trip)."""
         now = time.time()
 
         def append_and_list(conn: Connection) -> FrozenResult[Any]:
             _append(chat_id, messages, now, conn)
             if run is not None:
                 _save_run(run, conn)
-            return conn.execute(_LIST_MESSAGES, {"chat_id": chat_id}).freeze()
+            return conn.execute(_LIST_MESSAGES_AFTER, {"chat_id": chat_id, "skip": skip}).freeze()
 
         # The rows are converted after the write: not while the transaction (and the writer) waits.
         return _structs((await self._write(append_and_list))(), Message)

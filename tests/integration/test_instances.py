@@ -226,6 +226,27 @@ async def test_a_chat_deleted_on_a_cannot_start_a_run_on_b_that_ran_it_before(cl
     assert (await cluster.a.get(f"/v1/chats/{chat}")).status_code == 404
 
 
+async def test_runs_of_one_chat_alternating_between_instances_send_its_whole_history(cluster: Cluster) -> None:
+    """Each instance keeps the newest messages of the chats it ran; what the other instance added in between
+    (its questions and answers) still reaches the model, in order."""
+    chat, token = await cluster.create_chat(), uuid.uuid4().hex
+    for turn in range(5):
+        cluster.upstream.enqueue(text(f"answer {turn}"), finish())
+        client = cluster.a if turn % 2 == 0 else cluster.b
+        response = await client.post(
+            f"/v1/chats/{chat}/runs", json={"message": f"{token} {turn}"}, headers={"accept": "text/event-stream"}
+        )
+        assert '"run.completed"' in response.text
+
+    ours = [r for r in cluster.upstream.requests if r.body["messages"][0]["content"] == f"{token} 0"]
+    expected: list[str] = []
+    for turn, request in enumerate(ours):
+        expected.append(f"{token} {turn}")
+        assert [m["content"] for m in request.body["messages"]] == expected
+        expected.append(f"answer {turn}")
+    assert len(ours) == 5
+
+
 @pytest.mark.parametrize("path", ["run", "active-run", "delete"])
 async def test_every_status_read_finishes_a_run_whose_owner_was_killed(cluster: Cluster, path: str) -> None:
     """Issue 15 item 3: with nobody reading the run, GET run, active-run and DELETE of the chat on B

@@ -264,6 +264,19 @@ async def test_append_and_list_returns_the_whole_history_after_the_append(store:
     assert stored.updated_at > 1.0
 
 
+async def test_append_and_list_skips_the_messages_the_caller_has(store: SqlChatStore) -> None:
+    await store.create_chat(chat("c"))
+    await store.append_messages("c", [message("c", str(n)) for n in range(5)])
+
+    after = await store.append_and_list("c", [message("c", "5")], skip=3)
+    everything = await store.list_messages("c")
+
+    assert [m.content for m in after] == ["3", "4", "5"]
+    assert after == everything[3:]
+    assert [m.content for m in await store.append_and_list("c", [message("c", "6")], skip=6)] == ["6"]
+    assert await store.append_and_list("c", [message("c", "7")], skip=9) == []  # past the end: nothing
+
+
 async def test_append_and_list_is_all_or_nothing(store: SqlChatStore) -> None:
     await store.create_chat(chat("c"))
     first = message("c", "kept")

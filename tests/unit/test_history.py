@@ -1,12 +1,15 @@
 """A chat's history (service/runs/transcript.py): a run's events folded into the messages it stores
-(``Transcript``), the newest whole turns that fit the history cap (``recent``), and the stored
+(``Transcript``), the newest whole turns that fit the history cap (``recent``), what an instance keeps
+of recent chats so that a run's start reads only what was added (``RecentHistories``), and the stored
 messages as the model's ``messages`` list (``openai_history``)."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import msgspec
+import pytest
 
 from service.events import (
     OutputDone,
@@ -22,7 +25,7 @@ from service.events import (
     ToolResult,
     Usage,
 )
-from service.runs.transcript import Transcript, openai_history, recent
+from service.runs.transcript import RecentHistories, Transcript, openai_history, recent
 from service.store.base import Message, ToolCallRecord, UsageRecord
 
 
@@ -59,6 +62,51 @@ def test_image_parts_count_by_their_url() -> None:
     image = [{"type": "image_url", "image_url": {"url": "data:" + "x" * 100}}]
     history = [msg("user", image), msg("assistant", "ok"), msg("user", "hi")]
     assert recent(history, 50) == history[2:]
+
+
+def _turn(rng: random.Random, turn: int) -> list[Message]:
+    """What one run appends after its question: maybe a tool round, then the answer (random sizes)."""
+    call = ToolCallRecord(id=f"t{turn}", name="clock", arguments="{}" * rng.randint(0, 20))
+    tools = [msg("assistant", None, tool_calls=[call]), msg("tool", "r" * rng.randint(0, 30), tool_call_id=call.id)]
+    return [*(tools if rng.random() < 0.3 else []), msg("assistant", "a" * rng.randint(0, 60))]
+
+
+@pytest.mark.parametrize("seed", range(6), ids=[f"seed{n}" for n in range(6)])
+def test_kept_histories_send_what_the_whole_history_would(seed: int) -> None:
+    """Runs on a few chats, in random order, as the run manager makes them: the window built from what was
+    kept and what the store added is ``recent`` of the whole history, with chats dropped for room now
+    and then (a small budget) and another instance's turns in between."""
+    rng = random.Random(seed)
+    max_chars = rng.choice([40, 120, 400, 10_000])
+    kept = RecentHistories(max_chars, max_chats=3, max_kept_chars=rng.choice([2_000, 50_000]))
+    stored: dict[str, list[Message]] = {f"c{n}": [] for n in range(5)}
+    for turn in range(300):
+        chat = rng.choice(list(stored))
+        if rng.random() < 0.1:  # a run on another instance: this one does not see it happen
+            stored[chat] += [msg("user", "o" * rng.randint(1, 50)), *_turn(rng, turn)]
+        known = kept.get(chat)
+        stored[chat].append(msg("user", "q" * rng.randint(1, 80)))
+        added = stored[chat][known.count if known else 0 :]  # what append_and_list(skip=...) returns
+
+        window = kept.extend(chat, known, added)
+
+        assert window == recent(stored[chat], max_chars), (seed, turn, chat)
+        stored[chat] += _turn(rng, turn)
+    assert len([chat for chat in stored if kept.get(chat) is not None]) <= 3
+
+
+def test_a_chat_dropped_while_its_run_started_is_rebuilt_from_what_the_run_read() -> None:
+    kept = RecentHistories(1_000, max_chats=1, max_kept_chars=10_000)
+    history = [msg("user", "a"), msg("assistant", "b"), msg("user", "c")]
+    kept.extend("c1", None, history[:1])
+    known = kept.get("c1")
+    kept.extend("c2", None, [msg("user", "other")])  # c1 is dropped for room meanwhile
+    assert kept.get("c1") is None
+
+    assert kept.extend("c1", known, history[1:]) == history  # what get() gave before the append is used
+    assert kept.get("c1") is not None
+    kept.forget("c1")
+    assert kept.get("c1") is None
 
 
 # --- Transcript -------------------------------------------------------------------------------------
