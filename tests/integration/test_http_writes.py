@@ -15,29 +15,14 @@ import pytest
 import websockets
 
 from service.api.http_protocol import HttpProtocol
-from tests.support.live_server import serve
-
-
-class _CountedTransport:
-    """The socket's transport, with the bytes of each ``write`` call kept."""
-
-    def __init__(self, transport: Any, writes: list[bytes]) -> None:
-        self._transport, self.writes = transport, writes
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
+from tests.support.live_server import CountedTransport, serve
 
 WRITES: list[bytes] = []
 
 
 class _CountingProtocol(HttpProtocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(_CountedTransport(transport, WRITES))
+        super().connection_made(CountedTransport(transport, WRITES))
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -13,23 +13,9 @@ from typing import Any, cast
 import websockets
 
 from service.api.ws_protocol import WebSocketProtocol
-from tests.support.live_server import serve
+from tests.support.live_server import CountedTransport, serve
 
 BACK_TO_BACK = 5
-
-
-class _CountedTransport:
-    """The socket's transport, with the bytes of each ``write`` call kept."""
-
-    def __init__(self, transport: Any, writes: list[bytes]) -> None:
-        self._transport, self.writes = transport, writes
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 WRITES: list[bytes] = []
@@ -37,7 +23,7 @@ WRITES: list[bytes] = []
 
 class _CountingProtocol(WebSocketProtocol):
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(cast("Transport", _CountedTransport(transport, WRITES)))
+        super().connection_made(cast("Transport", CountedTransport(transport, WRITES)))
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:

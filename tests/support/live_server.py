@@ -253,3 +253,17 @@ class ServiceProcess:
                 print(f"--- service output ({' '.join(self.command)}) ---\n{self.logs()}", file=sys.stderr)
         finally:
             self.log_path.unlink(missing_ok=True)
+
+
+class CountedTransport:
+    """A socket's transport, with the bytes of each ``write`` call kept (for tests that count writes)."""
+
+    def __init__(self, transport: Any, writes: list[bytes]) -> None:
+        self._transport, self.writes = transport, writes
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
