@@ -124,7 +124,7 @@ class Transcript:
         return [*self._done, final]
 
 
-def message_size(message: Message) -> int:
+def _size(message: Message) -> int:
     """Characters a stored message adds to the model's input (text, image URLs, tool arguments)."""
     content = message.content
     if isinstance(content, str):
@@ -141,7 +141,7 @@ def recent(messages: list[Message], max_chars: int) -> list[Message]:
 
     The newest user message is always kept (its own length is capped when it is accepted).
     """
-    sizes = [message_size(message) for message in messages]
+    sizes = [_size(message) for message in messages]
     return messages[_recent_start(messages, sizes, sum(sizes), max_chars) :]
 
 
@@ -169,7 +169,7 @@ class KnownHistory:
     messages: list[Message]
     """The newest of them that fit the history cap (``recent``)."""
     sizes: list[int]
-    """``message_size`` of each of ``messages``."""
+    """The size of each of ``messages`` (characters for the model)."""
     total: int
     """Their sum."""
 
@@ -197,7 +197,7 @@ class RecentHistories:
 
         ``added`` are the chat's messages after ``known.count`` (all of them without ``known``).
         """
-        added_sizes = [message_size(message) for message in added]
+        added_sizes = [_size(message) for message in added]
         if known is None:
             count, messages, sizes, total = 0, added, added_sizes, sum(added_sizes)
         else:
