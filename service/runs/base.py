@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -33,6 +33,9 @@ RunStatus = Literal["running", "completed", "cancelled", "failed"]
 OnDisconnect = Literal["continue", "cancel"]
 CancelCallback = Callable[[str, str], None]
 """Called on the instance that owns a run with ``(run_id, reason)`` when anyone asks to cancel it."""
+MAX_BATCH: Final = 1000
+"""Events in one batch of ``read_batches`` at most: a reader that starts far back (a resume at 0 of a long
+run) gets its backlog in pieces of this size, each one write, not the whole log in one."""
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -154,7 +157,8 @@ class RunBackend(ABC):
         """Events with seq > ``after``: the log first, then live ones, ending after the terminal event.
 
         They come in batches, each the events the log held past the previous batch when the reader
-        looked (never empty), so a reader that fell behind catches up in one step (decision 73).
+        looked (never empty, at most ``MAX_BATCH``), so a reader that fell behind catches up in few
+        steps (decision 73).
         Raises (on first iteration) ``RunNotFoundError``, ``RunExpiredError``,
         or ``CursorError`` when ``after`` is negative, beyond the log's end, or
         before its first kept event (and mid-read for a reader that falls

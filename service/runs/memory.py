@@ -23,6 +23,7 @@ import msgspec
 
 from service.events import AnyEvent, RunCancelled, RunCompleted, RunFailed, RunSnapshot, encode_json, is_terminal
 from service.runs.base import (
+    MAX_BATCH,
     CancelCallback,
     ChatBusyError,
     CursorError,
@@ -232,7 +233,7 @@ class MemoryRunBackend(RunBackend):
             if index < 0:
                 raise CursorError(f"events up to {run.first_seq - 1} are no longer kept")
             if index < len(run.events):
-                batch = run.events[index:]
+                batch = run.events[index : index + MAX_BATCH]
                 yield batch
                 if is_terminal(batch[-1]):  # nothing follows a terminal event in the log
                     return

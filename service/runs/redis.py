@@ -91,6 +91,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.events import AnyEvent, ErrorInfo, RunFailed, RunSnapshot, decode_event, encode_json, is_terminal
 from service.runs.base import (
+    MAX_BATCH,
     BackendUnavailableError,
     CancelCallback,
     ChatBusyError,
@@ -109,7 +110,6 @@ log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_BATCH: Final = 1000
 _BLOCK_MS: Final = 1000
 _CALL_TIMEOUT_S: Final = 5.0  # bounds every Redis round trip (above _BLOCK_MS: a blocked XREAD is not cut short)
 _CONNECT_TIMEOUT_S: Final = 2.0
@@ -739,7 +739,7 @@ class RedisRunBackend(RunBackend):
                 return
             down_since = None
             if replaying:
-                replaying = len(batch) == _BATCH
+                replaying = len(batch) == MAX_BATCH
             if not batch:
                 continue
             if batch[0].seq != cursor + 1:
@@ -768,7 +768,7 @@ class RedisRunBackend(RunBackend):
 
     @_bounded
     async def _range(self, run_id: str, cursor: int) -> list[AnyEvent]:
-        entries = await self._redis.xrange(self._keys.log(run_id), min=f"({cursor}-0", count=_BATCH)
+        entries = await self._redis.xrange(self._keys.log(run_id), min=f"({cursor}-0", count=MAX_BATCH)
         return _decode_entries(entries or [])
 
     async def _tail_once(self, run_id: str, cursor: int) -> list[AnyEvent]:
@@ -777,7 +777,7 @@ class RedisRunBackend(RunBackend):
         async with self._tail_slots:  # waiting for a connection is not part of the call's bound
             try:
                 async with asyncio.timeout(_CALL_TIMEOUT_S):
-                    reply = await self._tail.xread({key: f"{cursor}-0"}, count=_BATCH, block=_BLOCK_MS)
+                    reply = await self._tail.xread({key: f"{cursor}-0"}, count=MAX_BATCH, block=_BLOCK_MS)
             except _UNAVAILABLE as exc:
                 raise BackendUnavailableError(f"Redis does not answer: {exc!r}") from exc
         streams = cast("list[list[Any]]", reply)

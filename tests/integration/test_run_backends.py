@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from service.events import AnyEvent, RunCompleted, RunFailed, TextDelta, is_terminal
 from service.runs.base import (
+    MAX_BATCH,
     ChatBusyError,
     CursorError,
     RunBackend,
@@ -156,6 +157,18 @@ async def test_append_stamps_seq_and_every_cursor_replays_the_rest(cluster: Clus
     record = await reader.get_run(run_id)
     assert (record.status, record.last_seq, record.message_id) == ("completed", n, "msg-1")
     assert record.finished_at is not None
+
+
+async def test_a_long_backlog_comes_in_bounded_batches_in_order(cluster: Cluster) -> None:
+    backend = (await cluster.node()).backend
+    run_id = await finished_run(backend, 2 * MAX_BATCH + 500)
+    reader = (await cluster.peer(cluster.nodes[0])).backend
+
+    async with aclosing(reader.read_batches(run_id, 0)) as stream:
+        batches = [batch async for batch in stream]
+
+    assert [len(batch) for batch in batches] == [MAX_BATCH, MAX_BATCH, 500]
+    assert seqs([event for batch in batches for event in batch]) == list(range(1, 2 * MAX_BATCH + 501))
 
 
 @pytest.mark.parametrize("after", [-1, 11, 2**63])
