@@ -171,7 +171,7 @@ class KnownHistory:
     sizes: list[int]
     """The size of each of ``messages`` (characters for the model)."""
     total: int
-    """Their sum."""
+    """Their sum, kept: summing a long window on every run made ``extend`` 3-4x dearer (21 -> 71-92 µs at 5,400)."""
 
 
 class RecentHistories:
